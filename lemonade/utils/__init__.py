@@ -1,0 +1,1 @@
+"""Small shared helpers, one C++ utils module each."""

@@ -1,0 +1,141 @@
+"""Every path and environment variable the program reads, in one place (C++ `utils/path_utils.cpp`).
+
+Functions read `os.environ` on each call (never frozen at import), so tests and long-running servers
+see changes. The HF variables follow `huggingface_hub`'s `constants.py`, because lemonade and
+`huggingface_hub` share one cache (spec hf-hub-protocol.md §2).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+
+# Environment variable names owned by this module.
+ENV_LEMONADE_CACHE_DIR = "LEMONADE_CACHE_DIR"
+ENV_LEMONADE_OFFLINE = "LEMONADE_OFFLINE"
+ENV_LLAMA_SERVER = "LEMONADE_LLAMA_SERVER"  # explicit llama-server override (ours; C++ had none)
+ENV_FLM = "LEMONADE_FLM"  # explicit flm override (ours)
+_TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
+
+
+def is_true(value: str | None) -> bool:
+    """huggingface_hub's truthiness rule: 1/ON/YES/TRUE in any case (constants.py `_is_true`)."""
+    return value is not None and value.strip().upper() in _TRUE_VALUES
+
+
+def _expand(path: str) -> Path:
+    return Path(os.path.expandvars(os.path.expanduser(path)))
+
+
+def hf_home() -> Path:
+    """`HF_HOME`, else `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`."""
+    if os.environ.get("HF_HOME"):
+        return _expand(os.environ["HF_HOME"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = _expand(xdg) if xdg else Path.home() / ".cache"
+    return base / "huggingface"
+
+
+def hf_cache_dir() -> Path:
+    """The hub cache: `HF_HUB_CACHE`, legacy `HUGGINGFACE_HUB_CACHE`, else `<hf_home>/hub`."""
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(name):
+            return _expand(os.environ[name])
+    return hf_home() / "hub"
+
+
+def hf_endpoint() -> str:
+    """`HF_ENDPOINT` without its trailing slash, else the public hub."""
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/")
+
+
+def hf_token() -> str | None:
+    """The first non-empty of `HF_TOKEN`, `HUGGING_FACE_HUB_TOKEN`, the token file (`HF_TOKEN_PATH`)."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        value = (os.environ.get(name) or "").strip()
+        if value:
+            return value
+    token_path = os.environ.get("HF_TOKEN_PATH")
+    path = _expand(token_path) if token_path else hf_home() / "token"
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def is_offline() -> bool:
+    """Offline if `LEMONADE_OFFLINE=1` (C++ rule: only "1") or HF's offline flags are truthy."""
+    if os.environ.get(ENV_LEMONADE_OFFLINE) == "1":
+        return True
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        value = os.environ.get(name)
+        if value:  # first non-empty wins, as in huggingface_hub
+            return is_true(value)
+    return False
+
+
+def lemonade_cache_dir() -> Path:
+    """`$LEMONADE_CACHE_DIR`, else `~/.cache/lemonade` (user_models.json, hardware_info.json)."""
+    value = os.environ.get(ENV_LEMONADE_CACHE_DIR)
+    return _expand(value) if value else Path.home() / ".cache" / "lemonade"
+
+
+def user_models_path() -> Path:
+    return lemonade_cache_dir() / "user_models.json"
+
+
+def resources_dir() -> Path:
+    """Installed: the `lemonade/resources` package (mapped from the top-level `resources/`).
+
+    Source checkout without install: `<repo>/resources`.
+    """
+    installed = PACKAGE_DIR / "resources"
+    if (installed / "server_models.json").exists():
+        return installed
+    return PACKAGE_DIR.parent / "resources"
+
+
+def resource_path(relative: str) -> Path:
+    return resources_dir() / relative
+
+
+def static_dir() -> Path:
+    return resource_path("static")
+
+
+def executable_dir() -> Path:
+    """Directory of the running entry point (C++: dir of /proc/self/exe), used for install layouts."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    found = shutil.which(argv0) if argv0 and os.sep not in argv0 else argv0
+    return Path(found).resolve().parent if found else Path(sys.executable).resolve().parent
+
+
+def llama_install_base() -> Path:
+    """C++ B's install base (router-and-backends §8.2): the exe dir, or a share dir for system installs."""
+    exe_dir = executable_dir()
+    if str(exe_dir) in ("/usr/local/bin", "/usr/bin"):
+        for share in ("/usr/local/share/lemonade-server", "/usr/share/lemonade-server"):
+            if Path(share).is_dir():
+                return Path(share)
+    return exe_dir
+
+
+def llama_install_dir(backend: str) -> Path:
+    return llama_install_base() / "llama" / backend
+
+
+def llama_server_override() -> str | None:
+    return os.environ.get(ENV_LLAMA_SERVER) or None
+
+
+def flm_override() -> str | None:
+    return os.environ.get(ENV_FLM) or None
+
+
+def server_log_path() -> Path:
+    """The C++ CLI's server log (cli.md §3): `/tmp/lemonade-server.log`."""
+    return Path("/tmp/lemonade-server.log")
