@@ -80,6 +80,7 @@ class Fault:
     stall_after: int | None = None   # stop sending at this offset, sleep `stall_seconds`, close
     stall_seconds: float = 0.0
     status: int | None = None        # answer this status (416, 500, 503...) instead
+    ignore_range: bool = False       # answer a ranged GET with 200 and the whole file (like CloudFront)
     where: str = "body"
     times: int = 1
 
@@ -127,6 +128,15 @@ class LoggedRequest:
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers.items() if k.lower() == name.lower()), None)
+
+    @property
+    def file(self) -> str:
+        """The repo path a resolve or CDN request is about ("" for API calls)."""
+        url = urlsplit(self.path)
+        if self.server == "cdn":
+            return parse_qs(url.query).get("file", [""])[0]
+        parts = url.path.strip("/").split("/")
+        return unquote("/".join(parts[4:])) if len(parts) >= 5 and parts[2] == "resolve" else ""
 
 
 class LoopbackHub:
@@ -390,7 +400,8 @@ class _Handler(BaseHTTPRequestHandler):
         start, end = 0, f.size  # end exclusive
         rng = self.headers.get("Range")
         status = 200
-        if rng and rng.startswith("bytes="):
+        fault = self.server.hub.take_fault(repo.repo_id, f.path, "body", self.command)
+        if rng and rng.startswith("bytes=") and not (fault and fault.ignore_range):
             first, _, last = rng[6:].partition("-")
             start = int(first or 0)
             end = min(int(last) + 1, f.size) if last else f.size
@@ -399,7 +410,6 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             status = 206
             headers = {**headers, "Content-Range": f"bytes {start}-{end - 1}/{f.size}"}
-        fault = self.server.hub.take_fault(repo.repo_id, f.path, "body", self.command)
         if fault and fault.status:
             extra = {"Content-Range": f"bytes */{f.size}"} if fault.status == 416 else {}
             self._reply(fault.status, b"", {**headers, **extra})
@@ -411,7 +421,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         throttle = self.server.hub.throttle_bps
-        if fault is None and throttle is None:
+        if (fault is None or fault.ignore_range) and throttle is None:
             self._send_fast(f, start, end)
         else:
             self._send_controlled(f, start, end, fault, throttle)
