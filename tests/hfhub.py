@@ -146,6 +146,7 @@ class LoopbackHub:
         self.token = token
         self.throttle_bps: float | None = None   # pace every body (the kill test needs slow downloads)
         self.repos: dict[str, HubRepo] = {}
+        self.renamed: dict[str, str] = {}      # old repo id -> new: resolve answers a relative 307
         self.log: list[LoggedRequest] = []
         self._faults: dict[tuple[str, str], list[Fault]] = {}
         self._by_sha: dict[str, tuple[HubRepo, HubFile]] = {}
@@ -363,6 +364,11 @@ class _Handler(BaseHTTPRequestHandler):
                     "likes": 0, "lastModified": "2025-01-01T00:00:00.000Z", "siblings": siblings})
 
     def _resolve(self, repo_id: str, revision: str, path: str) -> None:
+        new_id = self.server.hub.renamed.get(repo_id)
+        if new_id:  # a renamed repo: the hub redirects to the new name, relative to itself
+            location = f"/{new_id}/resolve/{quote(revision, safe='')}/{quote(path)}"
+            self._reply(307, b"", {"Location": location})
+            return
         repo = self._repo(repo_id, revision)
         if repo is None:
             return

@@ -197,6 +197,22 @@ def test_a_hub_file_path_that_escapes_the_snapshot_is_refused(hub, hf_env):
     assert not (hf_env.parent / "escape.gguf").exists() and hub.body_gets() == []
 
 
+def test_head_follows_a_relative_redirect_of_a_renamed_repo(hub, hf_env, monkeypatch):
+    hub.add_repo("org/new-GGUF", FILES)
+    hub.renamed["org/old-GGUF"] = "org/new-GGUF"
+    monkeypatch.setattr(hf_download, "fetch_repo_info",
+                        lambda repo_id, revision: real_info("org/new-GGUF", revision))
+    real_info = hf_download.fetch_repo_info.__wrapped__ if hasattr(hf_download.fetch_repo_info,
+                                                                    "__wrapped__") else _info
+    snap = download_checkpoint("org/old-GGUF:Q4_0", "llamacpp")
+    statuses = [(r.status, r.path.split("/")[2]) for r in hub.requests(method="HEAD")]
+    assert (307, "old-GGUF") in statuses and (302, "new-GGUF") in statuses
+    assert (snap / "tiny-Q4_0.gguf").read_bytes() == Q4
+
+
+_info = hf_download.fetch_repo_info
+
+
 def test_pinned_revision_writes_no_main_ref(hub, hf_env):
     repo = hub.add_repo(REPO, FILES)
     snap = download_checkpoint(f"{REPO}:Q8_0", "llamacpp", revision=repo.commit)

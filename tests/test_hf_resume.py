@@ -73,6 +73,22 @@ def test_cut_twice_in_a_row_and_then_small_file_cut(faulty, hf_env):
     assert_complete(hf_env)
 
 
+def test_every_interruption_that_brings_bytes_resets_the_retry_budget(faulty, hf_env):
+    for i in range(1, 9):  # 8 cuts in a row, more than the 5 tries without progress
+        faulty.add_fault(REPO, NAME, Fault(cut_after=i * 450_000))
+    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    assert len(cdn_gets(faulty)) == 9
+    assert_complete(hf_env)
+
+
+def test_expired_cdn_url_is_refreshed_once(faulty, hf_env):
+    faulty.add_fault(REPO, NAME, Fault(status=403))
+    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    heads = faulty.requests(method="HEAD", path_contains=NAME)
+    assert len(heads) == 2 and [g.status for g in cdn_gets(faulty)] == [403, 200]
+    assert_complete(hf_env)
+
+
 def test_corrupt_byte_is_detected_and_redownloaded(faulty, hf_env):
     faulty.add_fault(REPO, NAME, Fault(corrupt_at=3_000_000))
     download_checkpoint(f"{REPO}:Q4_0", "llamacpp")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import re
 import shutil
 import sys
@@ -22,6 +23,7 @@ from typing import Callable
 from urllib.parse import quote, urljoin, urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from lemonade import __version__
@@ -49,7 +51,9 @@ BACKOFF = (1.0, 2.0, 4.0, 8.0, 8.0)  # sleeps between retries of one request (H:
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 MAX_REDIRECTS = 20
 HUB_ORIGINS = ("https://huggingface.co", "https://hf.co", "https://hub-ci.huggingface.co")
-NETWORK_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+# What a dropped, refused or stalled connection raises (the urllib3 ones come from reading `raw`).
+NETWORK_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                  urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError)
 
 
 @dataclass
@@ -252,14 +256,43 @@ def head_file(repo_id: str, commit: str, file: str) -> FileMeta:
 
 # ---------------------------------------------------------------- one blob
 
-def _new_hasher(etag: str, size: int):
+class _BackgroundHash:
+    """A hashlib object fed on a helper thread, so hashing overlaps the socket reads (hashlib and
+    recv both release the GIL): verifying costs no wall time on a fast link. The bounded queue keeps
+    at most a few chunks in memory when the disk or the hash is the slower side."""
+
+    def __init__(self, hasher):
+        self._hasher = hasher
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self._thread = threading.Thread(target=self._run, name="hf-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._hasher.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def close(self) -> None:
+        """Stop the thread (idempotent); blocks until the queued chunks are hashed."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._hasher.hexdigest()
+
+
+def _new_hasher(etag: str, size: int) -> _BackgroundHash | None:
     """The hash the etag is: sha256 for LFS (64 hex), git blob sha1 for regular files (40 hex)."""
     if re.fullmatch(r"[0-9a-f]{64}", etag):
-        return hashlib.sha256()
+        return _BackgroundHash(hashlib.sha256())
     if re.fullmatch(r"[0-9a-f]{40}", etag):
         h = hashlib.sha1()
         h.update(b"blob %d\0" % size)
-        return h
+        return _BackgroundHash(h)
     return None  # an etag of another shape: size check only
 
 
@@ -304,7 +337,11 @@ class _BlobFetch:
         """Download, verify, rename to `blob`. One full re-download if the hash is wrong. Blocks."""
         part = blob.with_name(blob.name + ".incomplete")
         for attempt in range(2):
-            self._fetch(part)
+            try:
+                self._fetch(part)
+            finally:
+                if self.hasher is not None:
+                    self.hasher.close()
             if self.hasher is None or self.hasher.hexdigest() == self.meta.etag:
                 os.chmod(part, 0o666 & ~_umask())
                 os.replace(part, blob)
@@ -348,6 +385,8 @@ class _BlobFetch:
                 time.sleep(delay)
 
     def _restart(self, f) -> None:
+        if self.hasher is not None:
+            self.hasher.close()
         f.truncate(0)
         self.on_bytes(-self.offset)
         self.offset, self.hasher = 0, _new_hasher(self.meta.etag, self.meta.size)
@@ -378,7 +417,11 @@ class _BlobFetch:
                 raise _http_error(r, f"Failed to download {self.file}")
             size, write, on_bytes = self.meta.size, f.write, self.on_bytes
             update = self.hasher.update if self.hasher is not None else None
-            for chunk in r.iter_content(CHUNK_SIZE):
+            # read1 returns what one socket read brings (<= CHUNK_SIZE), so bytes that arrived before a
+            # cut are on disk for the next Range; iter_content/read(n) drop a partly filled chunk.
+            raw = r.raw
+            read = raw.read1 if hasattr(raw, "read1") else raw.read  # urllib3 < 2 has no read1
+            while chunk := read(CHUNK_SIZE, decode_content=True):
                 write(chunk)
                 if update is not None:
                     update(chunk)
