@@ -23,7 +23,7 @@ import socket
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -338,6 +338,10 @@ class _Handler(BaseHTTPRequestHandler):
         return repo
 
     def _api(self, repo_id: str, rest: list[str], query: dict[str, str]) -> None:
+        new_id = self.server.hub.renamed.get(repo_id)
+        if new_id:
+            self._reply(307, b"", {"Location": self.path.replace(f"/api/models/{repo_id}", f"/api/models/{new_id}")})
+            return
         revision = unquote(rest[1]) if len(rest) >= 2 and rest[0] in ("revision", "tree") else "main"
         fault = self.server.hub.take_fault(repo_id, "", "api", "GET")
         if fault and fault.status:

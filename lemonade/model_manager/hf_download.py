@@ -50,6 +50,7 @@ MAX_ATTEMPTS = 100              # hard bound even when every attempt brings a fe
 BACKOFF = (1.0, 2.0, 4.0, 8.0, 8.0)  # sleeps between retries of one request (H:469-569); tests shrink it
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 MAX_REDIRECTS = 20
+ETAG_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}$")
 HUB_ORIGINS = ("https://huggingface.co", "https://hf.co", "https://hub-ci.huggingface.co")
 # What a dropped, refused or stalled connection raises (the urllib3 ones come from reading `raw`).
 NETWORK_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
@@ -250,6 +251,8 @@ def head_file(repo_id: str, commit: str, file: str) -> FileMeta:
     commit_seen = h.get("X-Repo-Commit", "")
     if not etag or not commit_seen or not (size or "").isdigit():
         raise DownloadError(f"{what}: the hub answered without X-Repo-Commit, ETag or size")
+    if not ETAG_RE.match(etag):  # it becomes a file name under blobs/
+        raise DownloadError(f"{what}: unusable ETag {etag!r}")
     location = urljoin(url, h["Location"]) if 300 <= response.status_code < 400 else url
     return FileMeta(commit_seen, etag, int(size), location)
 
@@ -408,7 +411,8 @@ class _BlobFetch:
             if status not in (200, 206, 416):
                 raise _http_error(r, f"Failed to download {self.file}")
             if offset and (status != 206 or not r.headers.get("Content-Range", "").startswith(f"bytes {offset}-")):
-                # The server ignored (200) or refused (416) our range: start over (FD:386-398).
+                # The server ignored (200) or refused (416) our range: start over (FD:386-398). A partial
+                # that is already complete never gets here: _fetch verifies it without a request.
                 log.warning("Server answered %d to Range bytes=%d- for %s; restarting", status, offset, self.file)
                 self._restart(f)
                 if status != 200:
