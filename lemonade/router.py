@@ -192,10 +192,11 @@ class Router:
 
     # -- forwarding --------------------------------------------------------------------------------
 
-    def forward(self, backend: WrappedServer, endpoint: str, body: dict) -> http_client.JsonReply:
-        """Non-streaming call; successful replies update the backend's telemetry (C++ B §6)."""
+    def forward(self, backend: WrappedServer, endpoint: str, body: dict,
+                telemetry: bool = True) -> http_client.JsonReply:
+        """Non-streaming call; successful completions update the backend's telemetry (C++ B §6)."""
         reply = backend.forward_json(endpoint, body)
-        if reply.status == 200 and isinstance(reply.body, dict):
+        if telemetry and reply.status == 200 and isinstance(reply.body, dict):
             backend.telemetry.update(reply.body, streaming=False)
         return reply
 

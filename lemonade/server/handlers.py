@@ -67,7 +67,7 @@ class Api:
         self.manager = models
         self.config = config
         self.on_shutdown = on_shutdown
-        self.log_level = config.log_level
+        self.requested_log_level = config.log_level  # C++ stores it and nothing reads it (§4.17)
 
     # -- status ------------------------------------------------------------------------------------
 
@@ -124,7 +124,7 @@ class Api:
             raise _Answered()
         return raw, body, model, bool(stream)
 
-    def _proxy(self, h, endpoint: str, rewrite=None) -> None:
+    def _proxy(self, h, endpoint: str, rewrite=None, check=None, telemetry: bool = True) -> None:
         try:
             raw, body, model, stream = self._inference_body(h)
         except _Answered:
@@ -134,9 +134,10 @@ class Api:
             if stream:
                 self._relay(h, backend, endpoint, raw if not changed else None, body)
                 return
-            reply = self.router.forward(backend, endpoint, body)
+            reply = self.router.forward(backend, endpoint, body, telemetry=telemetry)
         if reply.status == 200:
-            h.send_json(200, reply.body)
+            status, answer = check(reply.body) if check else (200, reply.body)
+            h.send_json(status, answer)
         else:  # C++ wraps it and answers 200; we keep the wrapper and the backend's status
             h.send_json(reply.status, {"error": {
                 "details": {"response": reply.body, "status_code": reply.status},
@@ -173,13 +174,13 @@ class Api:
         self._proxy(h, "/v1/chat/completions", rewrite=apply_no_think)
 
     def completions(self, h) -> None:
-        self._proxy(h, "/v1/completions")
+        self._proxy(h, "/v1/completions", check=_check_completion)
 
     def embeddings(self, h) -> None:
-        self._proxy(h, "/v1/embeddings")
+        self._proxy(h, "/v1/embeddings", telemetry=False)  # C++ keeps telemetry for completions only
 
     def reranking(self, h) -> None:
-        self._proxy(h, "/v1/rerank")
+        self._proxy(h, "/v1/rerank", telemetry=False)
 
     def responses(self, h) -> None:
         try:
@@ -270,7 +271,7 @@ class Api:
         level = body.get("level")
         if not isinstance(level, str):
             raise InvalidRequestError("'level' must be a string")
-        self.log_level = level
+        self.requested_log_level = level
         h.send_json(200, {"level": level, "status": "success"})
 
     def add_local_model(self, h) -> None:
@@ -307,6 +308,15 @@ class Api:
         from lemonade.server import webui
 
         webui.serve_static(h, path)
+
+
+def _check_completion(body) -> tuple[int, Any]:
+    """C++ completions (§4.5): a backend body with `error` → 500 with it; without `choices` → 500."""
+    if isinstance(body, dict) and "error" in body:
+        return 500, body
+    if not isinstance(body, dict) or "choices" not in body:
+        return 500, simple_error_body("Backend returned invalid response format")
+    return 200, body
 
 
 class _Answered(Exception):

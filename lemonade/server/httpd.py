@@ -40,7 +40,11 @@ API_POST = {"chat/completions": "chat_completions", "completions": "completions"
             "responses": "responses", "pull": "pull", "load": "load", "unload": "unload",
             "delete": "delete", "params": "params", "add-local-model": "add_local_model",
             "log-level": "log_level"}
-HEAD_SHORTCUT = {"health", "models", "stats", "system-info"}  # HEAD → empty 200, no work (§2.5)
+HEAD_SHORTCUT = {"health", "models", "stats", "system-info"}
+# Handlers whose C++ twins answer failures as `{"error": "<text>"}` (a string, read as such by the
+# C++ CLI and the web UI); we keep that shape and give a fitting status instead of a blanket 500.
+STRING_ERROR_HANDLERS = {"load", "pull", "delete", "embeddings", "reranking", "responses", "log_level",
+                         "add_local_model", "params"}  # HEAD → empty 200, no work (§2.5)
 MODEL_BY_ID = re.compile(r"^models/(.+)$")
 OTHER_ROUTES = {("POST", "/internal/shutdown"): "shutdown", ("POST", "/api/v1/test"): "test",
                 ("GET", "/"): "root", ("GET", "/webapp.html"): "webapp"}
@@ -144,7 +148,7 @@ class Handler(BaseHTTPRequestHandler):
         except ClientDisconnected:
             self.close_connection = True
         except LemonadeError as e:
-            self.send_error_exc(e)
+            self.send_error_exc(e, string_body=name in STRING_ERROR_HANDLERS)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as e:  # the last line of defence: a JSON 500, never a dead thread
@@ -230,11 +234,13 @@ class Handler(BaseHTTPRequestHandler):
     def send_bytes(self, status: int, body: bytes, content_type: str, headers: tuple = ()) -> None:
         self._send(status, body, content_type, headers)
 
-    def send_error_exc(self, error: LemonadeError) -> None:
+    def send_error_exc(self, error: LemonadeError, string_body: bool = False) -> None:
         if self.status_sent:
             return  # headers already went out (e.g. mid-stream); nothing sane to add
         body = error.to_body()
-        if error.status == 404:
+        if string_body:
+            body = error_types.simple_error_body(error.message)
+        elif error.status == 404:
             body = error_types.not_found_body(self.url_path, error.message)
         try:
             self.send_json(error.status, body)

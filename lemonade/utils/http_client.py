@@ -20,6 +20,7 @@ USER_AGENT = "lemon.cpp/1.0"  # the C++ client's UA (router-and-backends §4); l
 POOL_SIZE = 64  # concurrent streams per backend; requests' default of 10 would queue the 11th client
 BACKEND_TIMEOUT = 300.0  # C++ total timeout for non-streaming backend calls (§3.4)
 CONNECT_TIMEOUT = 10.0
+STREAM_IDLE_TIMEOUT = 600.0  # a stream silent this long is dead; there is no total limit
 
 _sessions: dict[str, requests.Session] = {}
 _sessions_lock = threading.Lock()  # guards _sessions
@@ -72,10 +73,11 @@ def post_json(url: str, body: bytes, timeout: float = BACKEND_TIMEOUT) -> JsonRe
     return JsonReply(response.status_code, parsed)
 
 
-def post_stream(url: str, body: bytes, read_timeout: float | None = None) -> requests.Response:
+def post_stream(url: str, body: bytes, read_timeout: float = STREAM_IDLE_TIMEOUT) -> requests.Response:
     """POST and return the open streaming response (caller iterates `iter_content` and closes it).
 
-    No total timeout: a long generation is not cut (C++ cut at 300 s; spec http-api §5 recommends not to).
+    No total timeout: a long generation is not cut (C++ cut at 300 s; spec http-api §5 recommends not
+    to). `read_timeout` bounds the silence between two chunks, so a hung backend frees the thread.
     """
     try:
         return session_for(url).post(

@@ -28,14 +28,14 @@ PORT_RANGE = (8001, 9000)  # C++ choose_port range (router-and-backends §4)
 _PR_SET_PDEATHSIG = 1
 
 _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lemonade-spawner")
+try:  # loaded here, not in the child: only async-signal-safe work belongs between fork and exec
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError):
+    _prctl = None
 
 
 def _set_parent_death_signal() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclass
@@ -70,7 +70,7 @@ def spawn(name: str, argv: Sequence[str], env: dict[str, str] | None = None,
         return subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env=env, start_new_session=True,
-            preexec_fn=_set_parent_death_signal if sys.platform.startswith("linux") else None)
+            preexec_fn=_set_parent_death_signal if _prctl is not None else None)
 
     popen = _spawner.submit(start).result()
     child = Child(name, popen)
