@@ -519,7 +519,7 @@ def hub():
 
 
 @pytest.fixture
-def hf_env(hub, tmp_path, monkeypatch) -> Path:
+def hf_env(hub, tmp_path, monkeypatch):
     """Point lemonade (and `endpoint=`-aware huggingface_hub calls) at `hub`; returns the cache dir."""
     from lemonade.model_manager import hf_download
 
@@ -533,4 +533,5 @@ def hf_env(hub, tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", TEST_TIMEOUT)
     monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", TEST_TIMEOUT)
     monkeypatch.setattr(hf_download, "BACKOFF", FAST_BACKOFF)
-    return cache
+    yield cache
+    shutil.rmtree(cache, ignore_errors=True)  # pytest keeps old tmp dirs; don't keep 250 MB blobs in them

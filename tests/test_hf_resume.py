@@ -89,6 +89,27 @@ def test_expired_cdn_url_is_refreshed_once(faulty, hf_env):
     assert_complete(hf_env)
 
 
+def test_a_raising_progress_callback_cancels_and_the_next_pull_resumes(faulty, hf_env):
+    faulty.throttle_bps = 20e6  # so the callback sees the file arrive in several reads
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel_half_way(event):
+        if event.file == NAME and event.bytes_done >= 2_000_000:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        download_checkpoint(f"{REPO}:Q4_0", "llamacpp", progress=cancel_half_way)
+    part = blobs(hf_env) / f"{SHA}.incomplete"
+    kept = part.stat().st_size
+    assert kept >= 2_000_000 and not is_checkpoint_downloaded(f"{REPO}:Q4_0", "llamacpp")
+    faulty.clear_log()
+    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    assert [range_start(g) for g in cdn_gets(faulty)] == [kept]
+    assert_complete(hf_env)
+
+
 def test_corrupt_byte_is_detected_and_redownloaded(faulty, hf_env):
     faulty.add_fault(REPO, NAME, Fault(corrupt_at=3_000_000))
     download_checkpoint(f"{REPO}:Q4_0", "llamacpp")

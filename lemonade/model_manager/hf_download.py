@@ -473,6 +473,8 @@ def download_checkpoint(checkpoint: str, recipe: str, mmproj: str = "", progress
     file. Offline (LEMONADE_OFFLINE=1, HF_HUB_OFFLINE) sends no request: returns the cached snapshot or
     raises DownloadError. Raises InvalidRequestError (bad id/path), DownloadError (HTTP errors, §9.4
     selection errors, checksum, disk space), NetworkError (hub unreachable after retries).
+    A `progress` callback that raises cancels the pull with its exception; the partial file stays in
+    blobs/<etag>.incomplete and the next pull resumes it (C++: a callback returning false cancels).
     """
     repo_id, variant = split_checkpoint(checkpoint)
     repo = RepoDir.of(repo_id)
