@@ -1,0 +1,143 @@
+"""`POST /api/v{0,1}/add-local-model` (C++ B `handle_add_local_model`, spec http-api §4.14).
+
+Uploaded files are streamed into a staging directory inside the HF cache, checked in the C++ order,
+then moved into `models--<name>` in one rename. A refused or broken upload leaves nothing behind.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+
+from lemonade.error_types import InvalidRequestError, LemonadeError, RegistryError, simple_error_body
+from lemonade.model_manager import USER_PREFIX
+from lemonade.model_manager.registry import ModelInfo, save_user_model
+from lemonade.server import multipart
+from lemonade.utils import path_utils
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOAD_BYTES = 256 * 1024**3
+RECIPES = ("llamacpp", "oga-npu", "oga-hybrid", "oga-cpu")
+_TRUE = ("true", "True", "1")
+
+
+class Conflict(LemonadeError):
+    status = 409
+
+
+def _stored_name(filename: str) -> PurePosixPath:
+    """The path below the model dir: the browser's relative path minus its first folder. Refuses
+    anything that would leave the directory."""
+    path = PurePosixPath(filename.replace("\\", "/"))
+    parts = path.parts[1:] if len(path.parts) > 1 else path.parts
+    if not parts or path.is_absolute() or any(p in ("..", "", ".") for p in parts):
+        raise InvalidRequestError(f"Invalid file name in upload: {filename}")
+    return PurePosixPath(*parts)
+
+
+def handle_add_local_model(h, manager) -> None:
+    boundary = multipart.boundary_of(h.headers.get("Content-Type", ""))
+    if boundary is None:
+        raise RegistryError("Request must be multipart/form-data")
+    length = h.content_length()
+    if length > MAX_UPLOAD_BYTES:
+        h.close_connection = True
+        raise InvalidRequestError(f"Upload of {length} bytes exceeds the limit")
+    cache = path_utils.hf_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=cache))
+    try:
+        fields, files = _receive(h, length, boundary, staging)
+        info = _validate(fields, files, manager)
+        target = cache / ("models--" + info.name[len(USER_PREFIX):].replace("/", "-"))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+        _finish_registration(info, fields, files, target, cache)
+    except LemonadeError as e:
+        h.send_json(e.status, simple_error_body(e.message))
+        return
+    except OSError as e:
+        h.send_json(500, simple_error_body(f"Failed to upload model: {e}"))
+        return
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    h.send_json(200, {"message": f"Model {info.name} uploaded and registered successfully",
+                      "status": "success"})
+
+
+def _receive(h, length: int, boundary: str, staging: Path) -> tuple[dict[str, str], list[PurePosixPath]]:
+    fields: dict[str, str] = {}
+    files: list[PurePosixPath] = []
+
+    def on_field(name: str, value: str) -> None:
+        fields[name] = value
+
+    def open_file(part: multipart.Part):
+        if part.name != "model_files":
+            return open("/dev/null", "wb")  # other file fields are ignored, as in C++
+        relative = _stored_name(part.filename or "")
+        destination = staging / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        files.append(relative)
+        return open(destination, "wb")
+
+    try:
+        multipart.read_multipart(h.rfile, length, boundary, on_field, open_file)
+    except InvalidRequestError:
+        h.close_connection = True  # the rest of the body is unread
+        raise
+    return fields, files
+
+
+def _validate(fields: dict[str, str], files: list[PurePosixPath], manager) -> ModelInfo:
+    name, recipe = fields.get("model_name", ""), fields.get("recipe", "")
+    if not name or not recipe:
+        raise RegistryError("model_name and recipe are required")
+    if not name.startswith(USER_PREFIX):
+        raise RegistryError("Model name must start with 'user.'")
+    if recipe not in RECIPES:
+        raise RegistryError("Invalid recipe. Must be one of: " + ", ".join(RECIPES))
+    if not files:
+        raise RegistryError("No model files provided for upload")
+    if recipe == "llamacpp" and not any(".gguf" in str(f).lower() for f in files):
+        raise RegistryError("At least one .gguf file is required for llamacpp")
+    if name in manager.supported_models():
+        raise Conflict(f"Model name '{name}' already exists. Please use a different name.")
+    labels = ["custom"] + (["reasoning"] if fields.get("reasoning") in _TRUE else []) \
+        + (["vision"] if fields.get("vision") in _TRUE else [])
+    return ModelInfo(name=name, checkpoint=fields.get("checkpoint", ""), recipe=recipe, labels=labels,
+                     mmproj=fields.get("mmproj", ""), suggested=True, source="local_upload")
+
+
+def _finish_registration(info: ModelInfo, fields: dict, files: list[PurePosixPath], target: Path,
+                         cache: Path) -> None:
+    resolved = _resolve_upload(info, target)
+    info.checkpoint = str(resolved.relative_to(cache))
+    if info.mmproj:
+        match = next((target / f for f in files if f.name == info.mmproj), None)
+        if match is not None:
+            info.mmproj = str(match)
+    save_user_model(info)
+    log.info("Registered uploaded model %s at %s", info.name, resolved)
+
+
+def _resolve_upload(info: ModelInfo, directory: Path) -> Path:
+    """C++ resolution of an upload: OGA → the dir holding genai_config.json; llamacpp → the variant
+    file, else the first non-mmproj GGUF; else the directory."""
+    if info.recipe.startswith("oga-"):
+        config = next(iter(sorted(directory.rglob("genai_config.json"))), None)
+        return config.parent if config else directory
+    variant = info.checkpoint.split(":", 1)[1] if ":" in info.checkpoint else ""
+    ggufs = sorted(p for p in directory.rglob("*") if p.is_file() and ".gguf" in p.name.lower())
+    if variant:
+        for p in ggufs:
+            if p.name in (variant, variant + ".gguf"):
+                return p
+    for p in ggufs:
+        if "mmproj" not in p.name.lower():
+            return p
+    return directory
