@@ -1,14 +1,20 @@
-"""Command lines (C++ `server/cli_parser.cpp` and the CLI part of `tray/tray_app.cpp`).
+"""Command lines (C++ `server/cli_parser.cpp` for `lemonade-router`, `tray/tray_app.cpp` L489-613 for
+`lemonade-server`; spec cli.md §2-§3).
 
-Three entry points share one implementation: `lemonade` (serve, status, stop, list, pull, delete,
-run), `lemonade-server` (the same subcommands) and `lemonade-router` (serve only, router flags).
-Start-up is kept light: `--version` answers before click is imported, and command bodies import the
-server, requests and psutil only when they run.
+Both parsers are written by hand because the C++ ones have exact texts and quirks that click cannot
+produce: CLI11's messages and exit codes (109, 104, 105, 114) for the router, and the tray app's
+"argv[1] is the command, everything unknown is a positional" scan for `lemonade-server`. `lemonade` is
+the same implementation as `lemonade-server` under our name, plus `--llama-server PATH`.
+
+Start-up is kept light: this module imports only the standard library; the server, requests and
+psutil are imported by the command that needs them, never by `--help` or `--version`.
 """
 from __future__ import annotations
 
+import os
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lemonade import __version__
 
@@ -17,11 +23,24 @@ LLAMACPP_BACKENDS = ("vulkan", "rocm", "metal")
 DEFAULT_PORT = 8000
 DEFAULT_HOST = "localhost"
 DEFAULT_CTX_SIZE = 4096
+COMMANDS = ("serve", "list", "pull", "delete", "run", "status", "stop")
+
+# `lemonade-server` settings read from the environment before argv (tray_app.cpp L511-516, cli.md §4).
+ENV_PORT = "LEMONADE_PORT"
+ENV_HOST = "LEMONADE_HOST"
+ENV_CTX_SIZE = "LEMONADE_CTX_SIZE"
+ENV_LLAMACPP = "LEMONADE_LLAMACPP"
+ENV_LLAMACPP_ARGS = "LEMONADE_LLAMACPP_ARGS"
+ENV_LOG_LEVEL = "LEMONADE_LOG_LEVEL"
+
+PULL_USAGE = "pull <model_name> [--checkpoint CHECKPOINT] [--recipe RECIPE] [--reasoning] [--vision] [--mmproj MMPROJ]"
+DELETE_USAGE = "delete <model_name>"
+RUN_USAGE = "run <model_name>"
 
 
 @dataclass
 class ServerConfig:
-    """Server-wide settings of one `serve` (C++ router flags)."""
+    """Server-wide settings of one server (C++ router flags)."""
 
     port: int = DEFAULT_PORT
     host: str = DEFAULT_HOST
@@ -29,185 +48,320 @@ class ServerConfig:
     llamacpp: str = "vulkan"
     ctx_size: int = DEFAULT_CTX_SIZE
     llamacpp_args: str = ""
-    llama_server: str | None = None  # explicit llama-server binary (ours)
-
-
-def _print_version(prog: str) -> None:
-    print(f"{prog} version {__version__}")
-
-
-def _fast_version(argv: list[str], prog: str) -> bool:
-    """Answer `--version`/`-v` without importing click (C++ prints `<prog> version 9.0.2`)."""
-    if len(argv) == 1 and argv[0] in ("--version", "-v"):
-        _print_version(prog)
-        return True
-    return False
+    llama_server: str | None = None  # explicit llama-server binary (ours; `lemonade --llama-server`)
 
 
 def configure_logging(level: str) -> None:
+    """Log to stdout at `level`; an unknown level (the C++ client passes it on unchecked) means info."""
     import logging
 
     numeric = {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING,
-               "info": logging.INFO, "debug": logging.DEBUG, "trace": logging.DEBUG}[level]
+               "info": logging.INFO, "debug": logging.DEBUG, "trace": logging.DEBUG}.get(level, logging.INFO)
     logging.basicConfig(level=numeric, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if numeric > logging.DEBUG:
         logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
-def build_cli(prog: str):
-    """The click group for `lemonade` / `lemonade-server`."""
-    import click
+# == lemonade-router (CLI11) ===================================================================
 
-    def server_options(f):
-        options = [
-            click.option("--port", type=int, default=DEFAULT_PORT, envvar="LEMONADE_PORT", show_default=True,
-                         help="Port number to serve on"),
-            click.option("--host", default=DEFAULT_HOST, envvar="LEMONADE_HOST", show_default=True,
-                         help="Address to bind for connections"),
-            click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info",
-                         envvar="LEMONADE_LOG_LEVEL", show_default=True, help="Log level for the server"),
-            click.option("--llamacpp", type=click.Choice(LLAMACPP_BACKENDS), default="vulkan",
-                         envvar="LEMONADE_LLAMACPP", show_default=True, help="LlamaCpp backend to use"),
-            click.option("--ctx-size", type=int, default=DEFAULT_CTX_SIZE, envvar="LEMONADE_CTX_SIZE",
-                         show_default=True, help="Context size for the model"),
-            click.option("--llamacpp-args", default="", envvar="LEMONADE_LLAMACPP_ARGS",
-                         help="Custom arguments to pass to llama-server (must not conflict with managed args)"),
-            click.option("--llama-server", "llama_server", default=None, envvar="LEMONADE_LLAMA_SERVER",
-                         help="Path of the llama-server binary to run (overrides every other place)"),
-        ]
-        for option in reversed(options):
-            f = option(f)
-        return f
+ROUTER_HELP = """\
+lemonade-router - Lightweight LLM server
+Usage: {prog} [OPTIONS]
 
-    def client_options(f):
-        f = click.option("--host", default=DEFAULT_HOST, envvar="LEMONADE_HOST", show_default=True,
-                         help="Host of the running server")(f)
-        return click.option("--port", type=int, default=DEFAULT_PORT, envvar="LEMONADE_PORT",
-                            show_default=True, help="Port of the running server")(f)
+Options:
+  -h,--help                   Print this help message and exit
+  -v,--version                Show version number
+  --port INT [8000]           Port number to serve on
+  --host TEXT [localhost]     Address to bind for connections
+  --log-level TEXT:{{critical,error,warning,info,debug,trace}} [info] 
+                              Log level for the server
+  --llamacpp TEXT:{{vulkan,rocm,metal}} [vulkan] 
+                              LlamaCpp backend to use
+  --ctx-size INT [4096]       Context size for the model
+  --llamacpp-args TEXT        Custom arguments to pass to llama-server (must not conflict with managed args)
+"""
 
-    @click.group(name=prog, help=f"{prog} - Lemonade Server",
-                 context_settings={"help_option_names": ["-h", "--help"]})
-    @click.version_option(__version__, "-v", "--version", message=f"{prog} version %(version)s")
-    def cli() -> None:
-        pass
+# CLI11 exit codes (CLI/Error.hpp ExitCodes).
+CLI11_CONVERSION_ERROR = 104
+CLI11_VALIDATION_ERROR = 105
+CLI11_EXTRAS_ERROR = 109
+CLI11_ARGUMENT_MISMATCH = 114
 
-    @cli.command(help="Start the server")
-    @server_options
-    def serve(**kwargs) -> None:
-        sys.exit(_serve(ServerConfig(**kwargs)))
-
-    @cli.command(help="Check server status")
-    @client_options
-    def status(host: str, port: int) -> None:
-        from lemonade import server_manager
-
-        sys.exit(server_manager.status(host, port))
-
-    @cli.command(help="Stop the server")
-    @client_options
-    def stop(host: str, port: int) -> None:
-        from lemonade import server_manager
-
-        sys.exit(server_manager.stop(host, port))
-
-    @cli.command(name="list", help="List available models")
-    @client_options
-    def list_models(host: str, port: int) -> None:
-        from lemonade import server_manager
-
-        sys.exit(server_manager.list_models(host, port))
-
-    @cli.command(help="Download a model")
-    @click.argument("model", required=False)
-    @click.option("--checkpoint", default="", help="Hugging Face checkpoint, org/repo[:variant]")
-    @click.option("--recipe", default="", help="Recipe (llamacpp, flm, ...)")
-    @click.option("--reasoning", is_flag=True, help="The model is a reasoning model")
-    @click.option("--vision", is_flag=True, help="The model has a vision projector")
-    @click.option("--mmproj", default="", help="mmproj file name for vision models")
-    @client_options
-    def pull(model: str | None, host: str, port: int, **options) -> None:
-        from lemonade import server_manager
-
-        if not model:
-            _usage_error(prog, "pull <model_name> [--checkpoint CHECKPOINT] [--recipe RECIPE] "
-                               "[--reasoning] [--vision] [--mmproj MMPROJ]")
-        sys.exit(server_manager.pull(host, port, model, options))
-
-    @cli.command(help="Delete a model")
-    @click.argument("model", required=False)
-    @client_options
-    def delete(model: str | None, host: str, port: int) -> None:
-        from lemonade import server_manager
-
-        if not model:
-            _usage_error(prog, "delete <model_name>")
-        sys.exit(server_manager.delete(host, port, model))
-
-    @cli.command(help="Run a model (starts server if needed)")
-    @click.argument("model", required=False)
-    @server_options
-    def run(model: str | None, **kwargs) -> None:
-        from lemonade import server_manager
-
-        if not model:
-            _usage_error(prog, "run <model_name>")
-        sys.exit(server_manager.run(ServerConfig(**kwargs), model))
-
-    return cli
+# Router options in CLI11 definition order (cli_parser.cpp L10-31): name -> (type name, allowed set).
+_ROUTER_OPTIONS: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "--port": ("INT", None),
+    "--host": ("TEXT", None),
+    "--log-level": ("TEXT", LOG_LEVELS),
+    "--llamacpp": ("TEXT", LLAMACPP_BACKENDS),
+    "--ctx-size": ("INT", None),
+    "--llamacpp-args": ("TEXT", None),
+}
+_INT32 = (-2**31, 2**31 - 1)
 
 
-def _usage_error(prog: str, usage: str) -> None:
-    print("Error: model name required", file=sys.stderr)
-    print(f"Usage: {prog} {usage}", file=sys.stderr)
-    sys.exit(1)
+class UsageError(Exception):
+    """A command-line error: the message for stderr and the exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
 
 
-def _serve(config: ServerConfig) -> int:
-    configure_logging(config.log_level)
-    from lemonade.server import run_server
-
-    return run_server(config)
-
-
-def build_router_cli(prog: str = "lemonade-router"):
-    """`lemonade-router`: no subcommands, the C++ router's flags."""
-    import click
-
-    @click.command(name=prog, help=f"{prog} - Lightweight LLM server",
-                   context_settings={"help_option_names": ["-h", "--help"]})
-    @click.version_option(__version__, "-v", "--version", message=f"{prog} version %(version)s")
-    @click.option("--port", type=int, default=DEFAULT_PORT, show_default=True, help="Port number to serve on")
-    @click.option("--host", default=DEFAULT_HOST, show_default=True, help="Address to bind for connections")
-    @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,
-                  help="Log level for the server")
-    @click.option("--llamacpp", type=click.Choice(LLAMACPP_BACKENDS), default="vulkan", show_default=True,
-                  help="LlamaCpp backend to use")
-    @click.option("--ctx-size", type=int, default=DEFAULT_CTX_SIZE, show_default=True,
-                  help="Context size for the model")
-    @click.option("--llamacpp-args", default="",
-                  help="Custom arguments to pass to llama-server (must not conflict with managed args)")
-    @click.option("--llama-server", "llama_server", default=None, envvar="LEMONADE_LLAMA_SERVER",
-                  help="Path of the llama-server binary to run (ours; overrides every other place)")
-    def router(**kwargs) -> None:
-        sys.exit(_serve(ServerConfig(**kwargs)))
-
-    return router
+@dataclass
+class RouterArgs:
+    config: ServerConfig
+    show_help: bool = False
+    show_version: bool = False
 
 
-def main_lemonade() -> None:
-    if _fast_version(sys.argv[1:], "lemonade"):
-        return
-    build_cli("lemonade")(prog_name="lemonade")
+def parse_router_args(argv: list[str]) -> RouterArgs:
+    """CLI11's rules for the router's options (cli.md §2). Raises UsageError with CLI11's message/code.
 
-
-def main_server() -> None:
-    if _fast_version(sys.argv[1:], "lemonade-server"):
-        return
-    build_cli("lemonade-server")(prog_name="lemonade-server")
+    Order of checks, as CLI11 does them: a value-less option fails while scanning; then per option
+    (definition order) the allowed set, the repeat count and the integer conversion; then `--help`;
+    then any token left over."""
+    values: dict[str, list[str]] = {name: [] for name in _ROUTER_OPTIONS}
+    flags = {"help": False, "version": False}
+    extras: list[str] = []
+    tokens = list(argv)
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        if token == "--":
+            extras.extend(tokens[i:])
+            break
+        if token in ("-h", "--help"):
+            flags["help"] = True
+            continue
+        if token in ("-v", "--version"):
+            flags["version"] = True
+            continue
+        name, eq, inline = token.partition("=")
+        if token.startswith("--") and name in _ROUTER_OPTIONS:
+            if eq:
+                values[name].append(inline)
+            elif i < len(tokens):
+                # CLI11 takes the required value even when it looks like a flag (`--llamacpp-args -fa`).
+                values[name].append(tokens[i])
+                i += 1
+            else:
+                raise UsageError(f"{name}: 1 required {_ROUTER_OPTIONS[name][0]} missing", CLI11_ARGUMENT_MISMATCH)
+            continue
+        extras.append(token)
+    config = ServerConfig()
+    for name, (type_name, allowed) in _ROUTER_OPTIONS.items():
+        given = values[name]
+        if not given:
+            continue
+        for value in given:
+            if allowed is not None and value not in allowed:
+                raise UsageError(f"{name}: {value} not in {{{','.join(allowed)}}}", CLI11_VALIDATION_ERROR)
+        if len(given) > 1:
+            raise UsageError(f"{name}: At Most 1 required but received {len(given)}", CLI11_ARGUMENT_MISMATCH)
+        value: str | int = given[0]
+        if type_name == "INT":
+            if not re.fullmatch(r"[+-]?\d+", given[0]) or not _INT32[0] <= int(given[0]) <= _INT32[1]:
+                raise UsageError(f"Could not convert: {name} = {given[0]}", CLI11_CONVERSION_ERROR)
+            value = int(given[0])
+        setattr(config, name[2:].replace("-", "_"), value)
+    if flags["help"]:
+        return RouterArgs(config, show_help=True)
+    if extras:
+        plural = "arguments were" if len(extras) > 1 else "argument was"
+        raise UsageError(f"The following {plural} not expected: {' '.join(extras)}", CLI11_EXTRAS_ERROR)
+    return RouterArgs(config, show_version=flags["version"])
 
 
 def main_router() -> None:
-    if _fast_version(sys.argv[1:], "lemonade-router"):
+    from lemonade import single_instance
+
+    prog = sys.argv[0] if sys.argv and sys.argv[0] else "lemonade-router"
+    # C++ checks the lock before parsing, so even --help/--version fail while a router runs
+    # (server/main.cpp L33-37, cli.md §2 (obs)).
+    if single_instance.is_another_instance_running(single_instance.ROUTER):
+        print(single_instance.ROUTER_BUSY_MESSAGE, file=sys.stderr)
+        sys.exit(single_instance.LOCK_EXIT_CODE)
+    try:
+        parsed = parse_router_args(sys.argv[1:])
+    except UsageError as e:
+        print(e.message, file=sys.stderr)
+        print("Run with --help for more information.", file=sys.stderr)
+        sys.exit(e.code)
+    if parsed.show_help:
+        sys.stdout.write(ROUTER_HELP.format(prog=prog))
         return
-    build_router_cli()(prog_name="lemonade-router")
+    if parsed.show_version:
+        print(f"lemonade-router version {__version__}")
+        return
+    configure_logging(parsed.config.log_level)
+    from lemonade.server import run_server
+
+    sys.exit(run_server(parsed.config))
+
+
+# == lemonade-server / lemonade (tray_app.cpp) ==================================================
+
+
+@dataclass
+class ClientArgs:
+    """The tray app's parse result (tray_app.cpp parse_arguments)."""
+
+    command: str = ""
+    positionals: list[str] = field(default_factory=list)
+    config: ServerConfig = field(default_factory=ServerConfig)
+    show_help: bool = False
+    show_version: bool = False
+
+
+def stoi(text: str) -> int | None:
+    """`std::stoi`: optional blanks and sign, then digits; trailing junk is ignored (`80x` -> 80).
+    None where stoi throws (no digits, or outside int)."""
+    match = re.match(r"[ \t\n\v\f\r]*([+-]?\d+)", text)
+    if not match:
+        return None
+    value = int(match.group(1))
+    return value if _INT32[0] <= value <= _INT32[1] else None
+
+
+def _env_defaults(config: ServerConfig) -> None:
+    """Environment first, flags later override (L192-194). A bad integer is ignored (L497-508)."""
+    for name, attr in ((ENV_PORT, "port"), (ENV_CTX_SIZE, "ctx_size")):
+        if name in os.environ:
+            value = stoi(os.environ[name])
+            if value is not None:
+                setattr(config, attr, value)
+    for name, attr in ((ENV_HOST, "host"), (ENV_LOG_LEVEL, "log_level"), (ENV_LLAMACPP, "llamacpp"),
+                       (ENV_LLAMACPP_ARGS, "llamacpp_args")):
+        if name in os.environ:
+            setattr(config, attr, os.environ[name])
+
+
+def parse_client_args(argv: list[str], extra_value_flags: tuple[str, ...] = ()) -> ClientArgs:
+    """The tray app's scan (cli.md §3). Raises UsageError (exit 1) where C++ dies on `std::stoi`."""
+    args = ClientArgs()
+    _env_defaults(args.config)
+    if not argv or argv[0].startswith("-"):
+        # No command: only -h/-v anywhere count; anything else is "No command specified" (L556-575).
+        for token in argv:
+            if token in ("--help", "-h"):
+                args.show_help = True
+                break
+            if token in ("--version", "-v"):
+                args.show_version = True
+                break
+        return args
+    args.command = argv[0]
+    value_flags = {"--log-level": "log_level", "--port": "port", "--host": "host", "--ctx-size": "ctx_size",
+                   "--llamacpp": "llamacpp", "--llamacpp-args": "llamacpp_args"}
+    value_flags.update({flag: flag[2:].replace("-", "_") for flag in extra_value_flags})
+    i = 1
+    while i < len(argv):
+        token = argv[i]
+        if token in ("--help", "-h"):
+            args.show_help = True
+            return args
+        if token in ("--version", "-v"):
+            args.show_version = True
+            return args
+        if token in value_flags and i + 1 < len(argv):
+            value = argv[i + 1]
+            attr = value_flags[token]
+            if attr in ("port", "ctx_size"):
+                number = stoi(value)
+                if number is None:
+                    # C++: uncaught std::invalid_argument -> `Fatal error: stoi`, exit 1 (tray/main.cpp).
+                    raise UsageError(f"Fatal error: stoi: {token} expects an integer, got '{value}'", 1)
+                setattr(args.config, attr, number)
+            else:
+                setattr(args.config, attr, value)
+            i += 2
+            continue
+        if token != "--no-tray":  # always on for Linux; accepted and ignored
+            args.positionals.append(token)
+        i += 1
+    return args
+
+
+def client_help(prog: str, serve_options: bool, ours: bool) -> str:
+    """Help text of tray_app.cpp print_usage (L577-609), with `prog` for the program name."""
+    lines = [f"{prog} - Lemonade Server", "", f"Usage: {prog} <command> [options]", "", "Commands:",
+             "  serve                    Start the server (default if no command specified)",
+             "  list                     List available models",
+             "  pull <model>             Download a model",
+             "  delete <model>           Delete a model",
+             "  run <model>              Run a model (starts server if needed)",
+             "  status                   Check server status",
+             "  stop                     Stop the server", ""]
+    if serve_options:
+        lines += ["Serve Options:",
+                  "  --port PORT              Server port (default: 8000)",
+                  "  --host HOST              Server host (default: 127.0.0.1)",
+                  "  --ctx-size SIZE          Context size (default: 4096)",
+                  "  --llamacpp BACKEND       LlamaCpp backend: vulkan, rocm, metal (default: vulkan)",
+                  "  --llamacpp-args ARGS     Custom arguments for llama-server",
+                  "  --log-file PATH          Log file path",
+                  "  --log-level LEVEL        Log level: info, debug, trace (default: info)",
+                  "  --no-tray                Start server without tray (default on Linux)"]
+        if ours:
+            lines.append("  --llama-server PATH      llama-server binary to run (default: $LEMONADE_LLAMA_SERVER)")
+        lines.append("")
+    lines += ["  --help, -h               Show this help message", "  --version, -v            Show version", ""]
+    return "\n".join(lines)
+
+
+def _dispatch(prog: str, args: ClientArgs) -> int:
+    from lemonade import server_manager
+
+    command, rest, config = args.command, args.positionals, args.config
+    if command == "status":
+        return server_manager.status()
+    if command == "stop":
+        return server_manager.stop()
+    if command == "list":
+        return server_manager.list_models(config)
+    if command == "pull":
+        return server_manager.pull(config, rest, prog)
+    if command == "delete":
+        return server_manager.delete(config, rest, prog)
+    if command == "serve":
+        return server_manager.serve(config, prog)
+    return server_manager.run(config, rest, prog)
+
+
+def main_client(prog: str, argv: list[str]) -> int:
+    """`lemonade-server` and `lemonade`: parse, pre-dispatch checks (L266-322), run one command."""
+    ours = prog != "lemonade-server"
+    try:
+        args = parse_client_args(argv, ("--llama-server",) if ours else ())
+    except UsageError as e:
+        print(e.message, file=sys.stderr)
+        return e.code
+    if args.show_help:
+        sys.stdout.write(client_help(prog, args.command in ("serve", "run"), ours))
+        return 0
+    if args.show_version:
+        print(f"{prog} version {__version__}")
+        return 0
+    if not args.command:
+        print("Error: No command specified\n", file=sys.stderr)
+        sys.stdout.write(client_help(prog, False, ours))
+        return 1
+    if args.command not in COMMANDS:
+        print(f"Error: Unknown command '{args.command}'\n", file=sys.stderr)
+        sys.stdout.write(client_help(prog, False, ours))
+        return 1
+    try:
+        return _dispatch(prog, args)
+    except KeyboardInterrupt:  # Ctrl+C during list/pull/delete/stop: no traceback
+        return 130
+
+
+def main_lemonade() -> None:
+    sys.exit(main_client("lemonade", sys.argv[1:]))
+
+
+def main_server() -> None:
+    sys.exit(main_client("lemonade-server", sys.argv[1:]))

@@ -1,25 +1,33 @@
-"""The client side of a running server (C++ `tray/server_manager.cpp` and the commands of `tray_app.cpp`).
+"""The client side of a server (C++ `tray/server_manager.cpp` and the commands of `tray/tray_app.cpp`;
+spec cli.md §5-§6).
 
-Probes use `urllib` from the standard library so `status` and `stop` start fast (no `requests`).
-`list`, `pull` and `delete` talk to the server on the given port; with no server there, they do the
-work in this process (the C++ CLI starts a throw-away router for it; the result is the same and nothing
-is left running).
+Process model: `serve` and `run` serve HTTP in this process (C++ forks and execs `lemonade-router`);
+`list`, `pull` and `delete` with no server running do the work in this process (C++ spawns a throw-away
+router). Either way nothing is left running when the command ends, and there is no child to orphan.
+A running server is found as C++ B finds it on Linux: the PID file (`single_instance.find_server`).
+Requests use `urllib` from the standard library, so `status` and `stop` start fast (no `requests`).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 import urllib.error
 import urllib.request
 from typing import Any
 
-PROBE_TIMEOUT = 2.0
-STOP_WAIT = 15.0
-PULL_TIMEOUT = 7200.0  # C++ client timeouts (cli.md §5.2)
+from lemonade import single_instance
+
+PROBE_TIMEOUT = 5.0  # C++ client read timeout (cli.md §5.2)
+PULL_TIMEOUT = 7200.0
 LOAD_TIMEOUT = 240.0
+DELETE_TIMEOUT = 60.0  # C++ 5 s; a delete of a large repo can take longer
+LIST_TIMEOUT = 30.0
+STOP_WAIT = 5.0  # C++ terminate wait: 50 polls of 100 ms (tray_app.cpp L1283-1310)
+STOP_POLL = 0.1
 RULE = "-" * 100
 
 
@@ -28,6 +36,8 @@ class HttpFailure(Exception):
 
 
 def _client_host(host: str) -> str:
+    """Where a client connects: loopback for `localhost`, `0.0.0.0` or unknown (C++ server_manager.cpp
+    L715), else the address the server bound."""
     return "127.0.0.1" if host in ("0.0.0.0", "localhost", "") else host
 
 
@@ -71,49 +81,90 @@ def _error_message(status: int, raw: bytes) -> str:
     return f"HTTP request failed with status: {status}" + (f": {text}" if len(text) < 200 else "")
 
 
-def is_running(host: str, port: int) -> bool:
-    try:
-        return isinstance(request(host, port, "GET", "/api/v1/health"), dict)
-    except HttpFailure:
-        return False
+# -- status / stop ----------------------------------------------------------------------------
 
 
-# -- commands ------------------------------------------------------------------------------------
+def status() -> int:
+    """cli.md §6 status: PID-file discovery only; the configured port plays no part."""
+    info = single_instance.find_server()
+    if info is None:
+        print("Server is not running")
+        return 1
+    print(f"Server is running on port {info.port}")
+    return 0
 
 
-def status(host: str, port: int) -> int:
-    if is_running(host, port):
-        print(f"Server is running on port {port}")
-        return 0
-    print("Server is not running")
-    return 1
+def stop() -> int:
+    """SIGTERM the server and wait (bounded) until it, its children and its lock are gone; SIGKILL the
+    survivors at the deadline (C++ `execute_stop_command`, Linux branch). Always exits 0, as C++.
 
+    Our server stops its own children on SIGTERM, so only the server is signalled first; its children
+    are remembered beforehand so a force-kill still reaches them after they are reparented."""
+    import psutil
 
-def stop(host: str, port: int) -> int:
-    if not is_running(host, port):
+    info = single_instance.find_server()
+    if info is None:
         print("Lemonade Server is not running")
         return 0
-    print(f"Stopping server on port {port}...")
+    print(f"Stopping server on port {info.port}...")
+    print(f"Found router process (PID: {info.pid})")
     try:
-        request(host, port, "POST", "/internal/shutdown", {})
-    except HttpFailure as e:
-        print(f"Error stopping server: {e}", file=sys.stderr)
-        return 1
+        server = psutil.Process(info.pid)
+        children = server.children(recursive=True)
+    except psutil.Error:
+        server, children = None, []
+    if children:
+        print(f"Found {len(children)} child process(es) of router")
+    print(f"Sending SIGTERM to router (PID: {info.pid})...", flush=True)
+    try:
+        os.kill(info.pid, signal.SIGTERM)
+    except OSError:
+        pass
+    print(f"Waiting for processes to exit (up to {STOP_WAIT:.0f} seconds)...", flush=True)
+    watched = ([server] if server else []) + children
     deadline = time.monotonic() + STOP_WAIT
-    while is_running(host, port):
-        if time.monotonic() > deadline:
-            print("Error stopping server: still answering after shutdown", file=sys.stderr)
-            return 1
-        time.sleep(0.1)
+    while time.monotonic() < deadline:
+        if not _alive(watched) and single_instance.lock_is_free(single_instance.SERVER):
+            print("All processes exited, shutdown complete!")
+            print("Lemonade Server stopped successfully.")
+            return 0
+        time.sleep(STOP_POLL)
+    print("Timeout expired, forcing termination...")
+    for proc in _alive(watched):
+        label = "router" if proc is server else "child process"
+        print(f"Force killing {label} (PID: {proc.pid})")
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(watched, timeout=1.0)
+    single_instance.find_server()  # removes the PID file now that its process is gone
     print("Lemonade Server stopped successfully.")
     return 0
 
 
+def _alive(processes: list) -> list:
+    import psutil
+
+    alive = []
+    for proc in processes:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except psutil.Error:
+            pass
+    return alive
+
+
+# -- list / pull / delete ---------------------------------------------------------------------
+
+
 def format_model_table(entries: list[dict]) -> str:
+    """C++ list table (tray_app.cpp L827-843): id padded to 40 (never cut), Yes/No padded to 12, recipe."""
     lines = [f"{'Model Name':<40}{'Downloaded':<12}Details", RULE]
     for entry in entries:
-        downloaded = "Yes" if entry.get("downloaded") else "No"
-        lines.append(f"{entry.get('id', ''):<40}{downloaded:<12}{entry.get('recipe', '-')}")
+        downloaded = "Yes" if entry.get("downloaded") is True else "No"
+        lines.append(f"{entry.get('id', 'unknown')!s:<40}{downloaded:<12}{entry.get('recipe', '-')!s}")
     lines.append(RULE)
     return "\n".join(lines)
 
@@ -127,12 +178,18 @@ def _local_model_entries() -> list[dict]:
             for name, info in sorted(models.supported_models().items())]
 
 
-def list_models(host: str, port: int) -> int:
+def _target(info: single_instance.ServerInfo) -> tuple[str, int]:
+    return info.host, info.port
+
+
+def list_models(config) -> int:
+    """cli.md §6 list: from the discovered server, else computed in this process (same table)."""
     from lemonade.error_types import LemonadeError
 
+    info = single_instance.find_server()
     try:
-        if is_running(host, port):
-            answer = request(host, port, "GET", "/api/v1/models?show_all=true", timeout=30)
+        if info is not None:
+            answer = request(*_target(info), "GET", "/api/v1/models?show_all=true", timeout=LIST_TIMEOUT)
             if not isinstance(answer, dict) or not isinstance(answer.get("data"), list):
                 print("Invalid response format from server", file=sys.stderr)
                 return 1
@@ -146,20 +203,43 @@ def list_models(host: str, port: int) -> int:
     return 0
 
 
-def pull(host: str, port: int, model: str, options: dict) -> int:
+def _usage_error(prog: str, usage: str) -> int:
+    print("Error: model name required", file=sys.stderr)
+    print(f"Usage: {prog} {usage}", file=sys.stderr)
+    return 1
+
+
+def pull_body(name: str, options: list[str]) -> dict[str, Any]:
+    """The /pull body from the tokens after NAME (tray_app.cpp L889-905): a value option takes the next
+    token if there is one; unknown tokens are ignored."""
+    body: dict[str, Any] = {"model": name}
+    i = 0
+    while i < len(options):
+        token = options[i]
+        key = token[2:]
+        if token in ("--checkpoint", "--recipe", "--mmproj") and i + 1 < len(options):
+            body[key] = options[i + 1]
+            i += 1
+        elif token in ("--reasoning", "--vision"):
+            body[key] = True
+        i += 1
+    return body
+
+
+def pull(config, positionals: list[str], prog: str) -> int:
+    """cli.md §6 pull. Through the discovered server, else in this process with a progress display."""
+    from lemonade.cli_parser import PULL_USAGE
     from lemonade.error_types import LemonadeError
 
+    if not positionals:
+        return _usage_error(prog, PULL_USAGE)
+    model = positionals[0]
+    body = pull_body(model, positionals[1:])
     print(f"Pulling model: {model}", flush=True)
-    body: dict[str, Any] = {"model": model}
-    for key in ("checkpoint", "recipe", "mmproj"):
-        if options.get(key):
-            body[key] = options[key]
-    for key in ("reasoning", "vision"):
-        if options.get(key):
-            body[key] = True
+    info = single_instance.find_server()
     try:
-        if is_running(host, port):
-            answer = request(host, port, "POST", "/api/v1/pull", body, timeout=PULL_TIMEOUT)
+        if info is not None:
+            answer = request(*_target(info), "POST", "/api/v1/pull", body, timeout=PULL_TIMEOUT)
             if not (isinstance(answer, dict) and answer.get("status") == "success"):
                 print("Failed to pull model", file=sys.stderr)
                 return 1
@@ -205,13 +285,19 @@ def _progress_printer():
     return show
 
 
-def delete(host: str, port: int, model: str) -> int:
+def delete(config, positionals: list[str], prog: str) -> int:
+    """cli.md §6 delete. Through the discovered server, else in this process."""
+    from lemonade.cli_parser import DELETE_USAGE
     from lemonade.error_types import LemonadeError
 
+    if not positionals:
+        return _usage_error(prog, DELETE_USAGE)
+    model = positionals[0]
     print(f"Deleting model: {model}", flush=True)
+    info = single_instance.find_server()
     try:
-        if is_running(host, port):
-            answer = request(host, port, "POST", "/api/v1/delete", {"model": model}, timeout=60)
+        if info is not None:
+            answer = request(*_target(info), "POST", "/api/v1/delete", {"model": model}, timeout=DELETE_TIMEOUT)
             if not (isinstance(answer, dict) and answer.get("status") == "success"):
                 print("Failed to delete model", file=sys.stderr)
                 return 1
@@ -226,13 +312,60 @@ def delete(host: str, port: int, model: str) -> int:
     return 0
 
 
-def run(config, model: str) -> int:
-    """Serve in this process and, once healthy, load `model` and open (or print) the chat URL."""
-    import threading
+# -- serve / run ------------------------------------------------------------------------------
 
+
+def _check_backend(config) -> bool:
+    """C++ passes `--llamacpp` on unchecked and the router rejects it (exit 105), so start-up fails;
+    we say why at once."""
+    from lemonade.cli_parser import LLAMACPP_BACKENDS
+
+    if config.llamacpp in LLAMACPP_BACKENDS:
+        return True
+    print(f"--llamacpp: {config.llamacpp} not in {{{','.join(LLAMACPP_BACKENDS)}}}", file=sys.stderr)
+    print("Error: Failed to start server", file=sys.stderr)
+    return False
+
+
+def _take_server_lock(prog: str) -> bool:
+    if single_instance.is_another_instance_running(single_instance.SERVER):
+        print(single_instance.server_busy_message(prog), file=sys.stderr)
+        return False
+    return True
+
+
+def serve(config, prog: str) -> int:
+    """cli.md §6 serve: the persistent server, in this process, until Ctrl+C, SIGTERM or /internal/shutdown."""
     from lemonade.cli_parser import configure_logging
     from lemonade.server import run_server
 
+    if not _take_server_lock(prog):
+        return single_instance.LOCK_EXIT_CODE
+    if not _check_backend(config):
+        return 1
+    configure_logging(config.log_level)
+
+    def ready(port: int, shutdown) -> None:
+        print("Press Ctrl+C to stop", flush=True)
+
+    return run_server(config, on_ready=ready, persistent=True)
+
+
+def run(config, positionals: list[str], prog: str) -> int:
+    """cli.md §6 run: `serve`, then load NAME and open the chat (browser if a display exists, else the
+    URL is printed). The name is checked before anything starts (C++ starts the server first)."""
+    import threading
+
+    from lemonade.cli_parser import RUN_USAGE, configure_logging
+    from lemonade.server import run_server
+
+    if not positionals:
+        return _usage_error(prog, RUN_USAGE)
+    model = positionals[0]
+    if not _take_server_lock(prog):
+        return single_instance.LOCK_EXIT_CODE
+    if not _check_backend(config):
+        return 1
     configure_logging(config.log_level)
     outcome = {"code": 0}
 
@@ -241,7 +374,7 @@ def run(config, model: str) -> int:
         try:
             request(config.host, port, "POST", "/api/v1/load", {"model_name": model}, timeout=LOAD_TIMEOUT)
         except HttpFailure as e:
-            print(f"Exception loading model: {e}\nFailed to load model", file=sys.stderr)
+            print(f"Exception loading model: {e}\nFailed to load model", file=sys.stderr, flush=True)
             outcome["code"] = 1
             shutdown()
             return
@@ -254,6 +387,7 @@ def run(config, model: str) -> int:
             threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()
         else:
             print(f"Open the chat in a browser: {url}", flush=True)
+        print("Press Ctrl+C to stop", flush=True)
 
-    code = run_server(config, on_ready=after_start)
+    code = run_server(config, on_ready=after_start, persistent=True)
     return outcome["code"] or code

@@ -13,10 +13,58 @@ import threading
 log = logging.getLogger(__name__)
 
 
-def run_server(config, on_ready=None) -> int:
+# Console lines of the two front ends (cli.md §2 router banner and signal line; §5.2/§6 serve lines).
+_ROUTER_SIGNAL_LINE = "\n[Server] Shutdown signal received, exiting..."
+_CLIENT_SIGNAL_LINES = {signal.SIGINT: "\nReceived interrupt signal, shutting down...",
+                        signal.SIGTERM: "\nReceived termination signal, exiting..."}
+
+
+def _print_router_banner(config) -> None:
+    print("Starting Lemonade Server...")
+    print(f"  Port: {config.port}\n  Host: {config.host}\n  Log level: {config.log_level}\n"
+          f"  Context size: {config.ctx_size}", flush=True)
+
+
+def _print_started(config) -> None:
+    from lemonade import __version__, single_instance
+
+    shown_host = "localhost" if config.host == "0.0.0.0" else config.host
+    print(f"Lemonade Server v{__version__} started on port {config.port}")
+    print(f"Chat and manage models: http://{shown_host}:{config.port}")
+    print(f"[ServerManager] PID file created: {single_instance.pid_file_path()}", flush=True)
+
+
+def _fail(message: str, persistent: bool) -> int:
+    print(message, file=sys.stderr)
+    if persistent:
+        print("Error: Failed to start server", file=sys.stderr)
+    return 1
+
+
+def run_server(config, on_ready=None, persistent: bool = False) -> int:
     """Serve until SIGINT/SIGTERM or `/internal/shutdown`; every backend child is stopped on the way
-    out, whatever the reason. `on_ready(port, request_shutdown)` runs in a thread once the listener
-    is up (used by `run`). Returns the exit code."""
+    out, whatever the reason. Blocks; returns the exit code.
+
+    Holds the router lock (`single_instance`) for its life and publishes itself in the PID file once
+    listening, so `status`, `stop`, `list`, `pull` and `delete` find it. `persistent=False` is
+    `lemonade-router` (router banner and signal line); `persistent=True` is `lemonade-server serve|run`
+    (the client's start, signal and shutdown lines). `on_ready(port, request_shutdown)` runs in a thread
+    once the listener is up and the PID file is written."""
+    from lemonade import single_instance
+
+    if not persistent:
+        _print_router_banner(config)  # C++ prints it before the Server constructor (main.cpp L58-62)
+    if single_instance.is_another_instance_running(single_instance.ROUTER):
+        return _fail(single_instance.ROUTER_BUSY_MESSAGE, persistent)
+    try:
+        return _serve(config, on_ready, persistent)
+    finally:
+        single_instance.remove_pid_file_if_ours()
+        single_instance.release(single_instance.ROUTER)
+
+
+def _serve(config, on_ready, persistent: bool) -> int:
+    from lemonade import single_instance
     from lemonade.backends.llamacpp_server import LlamaCppOptions
     from lemonade.error_types import LemonadeError
     from lemonade.model_manager import ModelManager
@@ -28,8 +76,7 @@ def run_server(config, on_ready=None) -> int:
     try:
         models.supported_models()
     except LemonadeError as e:
-        print(f"Error: {e.message}", file=sys.stderr)
-        return 1
+        return _fail(f"Error: {e.message}", persistent)
     try:
         for info in models.seed_embedded():
             log.info("Embedded model %s placed in the Hugging Face cache", info.name)
@@ -44,17 +91,18 @@ def run_server(config, on_ready=None) -> int:
     try:
         httpd = LemonadeHTTPServer((bind_host, config.port), api)
     except OSError as e:
-        print(f"Error: cannot listen on {config.host}:{config.port}: {e.strerror or e}", file=sys.stderr)
-        return 1
+        # C++ ignores listen()'s result and exits 0 on a busy port (cli.md §2); we say so and fail.
+        return _fail(f"Error: cannot listen on {config.host}:{config.port}: {e.strerror or e}", persistent)
     config.port = httpd.server_address[1]  # the real port when 0 was asked for
-    print("Starting Lemonade Server...")
-    print(f"  Port: {config.port}\n  Host: {config.host}\n  Log level: {config.log_level}\n"
-          f"  Context size: {config.ctx_size}", flush=True)
     log.info("[Server] Starting on %s:%d", config.host, config.port)
+    single_instance.write_pid_file(config.port, config.host)
+    if persistent:
+        _print_started(config)
 
     def on_signal(signum, frame) -> None:
         # shutdown() must not run on the thread inside serve_forever; the main thread waits on `stop`.
-        print("\n[Server] Shutdown signal received, exiting...", flush=True)
+        line = _CLIENT_SIGNAL_LINES.get(signum, "") if persistent else _ROUTER_SIGNAL_LINE
+        print(line, flush=True)
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -65,6 +113,8 @@ def run_server(config, on_ready=None) -> int:
         while not stop.wait(1.0):  # a bounded wait keeps signal delivery prompt
             pass
     finally:
+        if persistent:
+            print("Shutting down server...", flush=True)
         httpd.shutdown()
         httpd.server_close()
         router.shutdown()
@@ -72,4 +122,6 @@ def run_server(config, on_ready=None) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
         log.info("[Server] Stopped")
+        if persistent:
+            print("Server stopped successfully", flush=True)
     return 0

@@ -136,6 +136,14 @@ def flm_override() -> str | None:
     return os.environ.get(ENV_FLM) or None
 
 
+def runtime_dir() -> Path:
+    """Where the single-instance locks, the PID file and the server log live: `$LEMONADE_RUNTIME_DIR`
+    (ours, so tests and CI jobs can run several servers side by side), else `/tmp` as in C++
+    (`include/lemon/single_instance.h`, `tray_app.cpp` get_server_info)."""
+    value = os.environ.get("LEMONADE_RUNTIME_DIR")
+    return _expand(value) if value else Path("/tmp")
+
+
 def server_log_path() -> Path:
-    """The C++ CLI's server log (cli.md §3): `/tmp/lemonade-server.log`."""
-    return Path("/tmp/lemonade-server.log")
+    """The C++ CLI's server log (cli.md §3): `/tmp/lemonade-server.log`, under `runtime_dir()`."""
+    return runtime_dir() / "lemonade-server.log"
