@@ -47,6 +47,8 @@ class ModelManager:
         """The file (llamacpp) or directory the backend loads, or None when it is not in the cache."""
         if info.source == "local_upload":
             path = resolve.resolve_local_upload(info)
+            if path is None:
+                return None
             if path.is_dir() and info.recipe == "llamacpp":
                 return _first_gguf(path)
             return path if path.exists() else None
@@ -142,7 +144,10 @@ class ModelManager:
 
             fastflowlm_server.remove(info.checkpoint)
         elif info.source == "local_upload":
-            _remove_inside_cache(resolve.resolve_local_upload(info))
+            path = resolve.resolve_local_upload(info)
+            if path is None:
+                raise InvalidRequestError(f"Refusing to delete {info.checkpoint}: outside the Hugging Face cache")
+            _remove_inside_cache(path)
         else:
             from lemonade.model_manager import hf_download
 

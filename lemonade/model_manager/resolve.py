@@ -81,6 +81,9 @@ def resolve_mmproj(info: ModelInfo, cache_dir: Path | None = None) -> Path | Non
     return matches[0] if matches else None
 
 
-def resolve_local_upload(info: ModelInfo, cache_dir: Path | None = None) -> Path:
-    """`source == "local_upload"`: the checkpoint is a path relative to the cache (C++ §9.2)."""
-    return (cache_dir or path_utils.hf_cache_dir()) / info.checkpoint.replace("\\", "/")
+def resolve_local_upload(info: ModelInfo, cache_dir: Path | None = None) -> Path | None:
+    """`source == "local_upload"`: the checkpoint is a path relative to the cache (C++ §9.2).
+    None when it would point outside the cache (a hand-edited registry must not reach other files)."""
+    cache = (cache_dir or path_utils.hf_cache_dir()).resolve()
+    path = (cache / info.checkpoint.replace("\\", "/")).resolve()
+    return path if cache in path.parents else None
