@@ -11,6 +11,7 @@ import http.server
 import io
 import logging
 import os
+import shutil
 import stat
 import subprocess
 import threading
@@ -502,7 +503,11 @@ def test_real_llama_server_installs_and_runs(env, github, tmp_path):
 
     exe = inst.ensure_installed("vulkan")
     assert github.release_requests() == [RELEASE_PATH]
-    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "LD_LIBRARY_PATH": str(exe.parent)})
+    # No LD_LIBRARY_PATH: like the ggml release, the binary finds its libraries through RUNPATH $ORIGIN.
+    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "version" in (out.stdout + out.stderr)
+    if shutil.which("ldd"):  # the libraries come from the install dir, not from the package
+        ldd = subprocess.run(["ldd", str(exe)], capture_output=True, text=True, timeout=30).stdout
+        libllama = [line for line in ldd.splitlines() if "libllama" in line]
+        assert libllama and all(str(exe.parent) in line for line in libllama), ldd
