@@ -182,8 +182,10 @@ def test_run_loads_and_stop_leaves_nothing(env, tmp_path, llama_server_bin):
     try:
         out = server.out()
         url = f"http://localhost:{server.port}/?model={DEFAULT_MODEL}#llm-chat"
-        assert (f"Running model: {DEFAULT_MODEL}\nLoading model {DEFAULT_MODEL}...\nModel loaded successfully!\n"
-                f"Open the chat in a browser: {url}\nPress Ctrl+C to stop\n") in out
+        expected = [f"Running model: {DEFAULT_MODEL}", f"Loading model {DEFAULT_MODEL}...", "Model loaded successfully!",
+                    f"Open the chat in a browser: {url}", "Press Ctrl+C to stop"]
+        lines = out.splitlines()  # log lines of the load may come in between
+        assert [line for line in lines if line in expected] == expected
         assert len(llama_processes(marker)) == 1
         result = run_cli("lemonade", "stop", env=env)
         assert result.returncode == 0
