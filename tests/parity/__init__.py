@@ -1,0 +1,1 @@
+"""Black-box parity tests of the HTTP API and the CLI (see harness.py)."""
