@@ -83,8 +83,11 @@ def make_env(tmp_path: Path, seeded_hub_cache: Path) -> dict[str, str]:
     hub = tmp_path / "hub"
     shutil.copytree(seeded_hub_cache, hub, symlinks=True, copy_function=os.link)
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    runtime = tmp_path / "run"  # private locks, PID file and log, so servers can run side by side
+    runtime.mkdir(exist_ok=True)
     env.update(HF_HUB_CACHE=str(hub), LEMONADE_CACHE_DIR=str(tmp_path / "lemonade"),
-               HF_HUB_OFFLINE="1", LEMONADE_CI_MODE="1", PYTHONUNBUFFERED="1")
+               HF_HUB_OFFLINE="1", LEMONADE_CI_MODE="1", PYTHONUNBUFFERED="1",
+               LEMONADE_RUNTIME_DIR=str(runtime))
     env.pop("HF_HOME", None)
     return env
 

@@ -51,10 +51,10 @@ def test_fresh_server_errors(server_factory):
     assert requests.get(api + "/stats").json() == {
         "error": {"message": "No model loaded", "type": "model_not_loaded"}}
 
-    # Load of an unknown model: B answers 500 {"error": msg}; we answer 404 with the same message.
+    # Load of an unknown model: B answers 500 {"error": msg}; we keep the body and answer 404.
     reply = requests.post(api + "/load", json={"model_name": "no-such-model"})
     assert reply.status_code == 404
-    assert reply.json()["error"]["message"] == "Model not found: no-such-model"
+    assert reply.json() == {"error": "Model not found: no-such-model"}
 
 
 def test_models_lists_embedded_model_as_downloaded(server_factory):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import signal
 import threading
 
+import psutil
 import requests
 
 from conftest import wait_for
@@ -75,12 +76,20 @@ def test_killed_backend_is_reloaded(server_factory):
     assert chat(server).status_code == 200
     (child,) = server.llama_processes()
     child.kill()
-    child.wait(timeout=10)
+    # Not our child, so psutil cannot wait for it: it stays a zombie until the server reaps it.
+    wait_for(lambda: _dead(child), 10, what="the killed llama-server to finish exiting")
     reply = chat(server)
     assert reply.status_code == 200
     (new_child,) = server.llama_processes()
     assert new_child.pid != child.pid
     assert server.log_text().count("Started llama-server") == 2
+
+
+def _dead(proc) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def test_sigkill_of_server_takes_backend_along(server_factory):
@@ -89,5 +98,5 @@ def test_sigkill_of_server_takes_backend_along(server_factory):
     (child,) = server.llama_processes()
     server.proc.kill()
     server.proc.wait(timeout=10)
-    wait_for(lambda: not child.is_running() or child.status() == "zombie", 10,
+    wait_for(lambda: _dead(child), 10,
              what="llama-server to die with its parent (PR_SET_PDEATHSIG)")

@@ -33,8 +33,9 @@ def env(hub, tmp_path, seeded_hub_cache):
     """Lemonade pointed at the loopback hub; the cache already holds the embedded model (hard links)."""
     shutil.copytree(seeded_hub_cache, tmp_path / "hub", symlinks=True, copy_function=os.link)
     environment = hub_env(hub, tmp_path / "hub")
+    (tmp_path / "run").mkdir()
     environment.update(LEMONADE_CACHE_DIR=str(tmp_path / "lemonade"), LEMONADE_CI_MODE="1",
-                       LEMONADE_PORT=str(free_port()))  # no server there: the CLI works in-process
+                       LEMONADE_RUNTIME_DIR=str(tmp_path / "run"), LEMONADE_PORT=str(free_port()))
     return {k: v for k, v in environment.items() if not k.lower().endswith("_proxy")}
 
 
