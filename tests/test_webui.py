@@ -91,13 +91,13 @@ def open_chat(driver, server):
 
 
 def configure_short_answers(driver):
-    """Keep generations short: cap tokens and turn thinking off (the page's settings panel)."""
+    """Keep generations short: cap tokens and, for reasoning models, turn thinking off."""
     driver.find_element(By.CSS_SELECTOR, "#chat-settings summary").click()
     box = driver.find_element(By.ID, "set-max-tokens")
     box.clear()
     box.send_keys("48")
     thinking = driver.find_element(By.ID, "set-thinking")
-    if thinking.is_selected():
+    if thinking.is_displayed() and thinking.is_selected():
         thinking.click()
     driver.find_element(By.CSS_SELECTOR, "#chat-settings summary").click()
 

@@ -50,27 +50,28 @@
       ui.select.value = ids.includes(wanted) ? wanted : ids[0];
     }
     ui.select.dataset.ready = 'true';
-    updateVisionControls();
+    updateModelControls();
     updateSendState();
   }
 
   function selectedModel() { return ui.select.value || null; }
 
   function isVision(name) { return L.modelLabels(name).includes('vision'); }
+  function isReasoning(name) { return L.modelLabels(name).includes('reasoning'); }
 
   // Until the user picks something, follow the server's loaded model.
   function followLoadedModel(h) {
     if (state.userPicked || L.requestedModel() || !h.modelLoaded || state.controller) return;
     if (state.models.some((m) => m.id === h.modelLoaded) && ui.select.value !== h.modelLoaded) {
       ui.select.value = h.modelLoaded;
-      updateVisionControls();
+      updateModelControls();
     }
   }
 
   async function onModelPicked() {
     state.userPicked = true;
     const name = selectedModel();
-    updateVisionControls();
+    updateModelControls();
     if (!name || name === L.health.modelLoaded) return;
     state.loading = true;
     updateSendState();
@@ -110,7 +111,9 @@
       const v = parse(raw);
       if (Number.isFinite(v)) opts[field] = v;
     }
-    if (!$('set-thinking').checked) opts.enable_thinking = false;
+    // Only for reasoning models: the server turns enable_thinking:false into a
+    // "/no_think" prefix on the last user message, which other models would echo.
+    if (isReasoning(selectedModel()) && !$('set-thinking').checked) opts.enable_thinking = false;
     return opts;
   }
 
@@ -337,7 +340,8 @@
   }
 
   // ---------------- image attachments (vision models) ----------------
-  function updateVisionControls() {
+  function updateModelControls() {
+    for (const node of document.querySelectorAll('.reasoning-only')) node.hidden = !isReasoning(selectedModel());
     const vision = isVision(selectedModel());
     $('attach-label').hidden = !vision;
     if (!vision && state.pendingImages.length) { state.pendingImages = []; renderAttachments(); }
