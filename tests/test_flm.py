@@ -19,6 +19,7 @@ import flm_standin
 from conftest import start_server, wait_for
 from lemonade.backends import fastflowlm_server as flm
 from lemonade.error_types import DownloadError, FileError, InstallationError
+from lemonade.utils import path_utils
 
 MODEL, CKPT = "Qwen3-0.6b-FLM", "qwen3:0.6b"  # a registry model with recipe flm
 OTHER_MODEL, OTHER_CKPT = "Gemma3-1b-it-FLM", "gemma3:1b"
@@ -110,12 +111,12 @@ def test_version_and_list_through_the_cli(standin):
 
 
 def test_ready_timeout_from_env(monkeypatch):
-    monkeypatch.delenv(flm.ENV_READY_TIMEOUT, raising=False)
+    monkeypatch.delenv(path_utils.ENV_FLM_READY_TIMEOUT, raising=False)
     assert flm.flm_ready_timeout() == flm.READY_TIMEOUT
-    monkeypatch.setenv(flm.ENV_READY_TIMEOUT, "2.5")
+    monkeypatch.setenv(path_utils.ENV_FLM_READY_TIMEOUT, "2.5")
     assert flm.flm_ready_timeout() == 2.5
     for bad in ("soon", "0", "-1"):
-        monkeypatch.setenv(flm.ENV_READY_TIMEOUT, bad)
+        monkeypatch.setenv(path_utils.ENV_FLM_READY_TIMEOUT, bad)
         assert flm.flm_ready_timeout() == flm.READY_TIMEOUT
 
 
@@ -180,7 +181,7 @@ def flm_env(tmp_path: Path, fault: str = "", ready_timeout: str = "") -> dict[st
                RYZENAI_SKIP_PROCESSOR_CHECK="1", HF_HUB_OFFLINE="0", FLM_STANDIN_DIR=str(state),
                FLM_STANDIN_FAULT=fault)
     if ready_timeout:
-        env[flm.ENV_READY_TIMEOUT] = ready_timeout
+        env[path_utils.ENV_FLM_READY_TIMEOUT] = ready_timeout
     return env
 
 
@@ -221,7 +222,6 @@ def test_pull_through_the_api(flm_server):
     assert MODEL in {m["id"] for m in downloaded["data"]}
 
 
-@pytest.mark.xfail(strict=True, reason="needs ModelManager._fetch_files to call pull(force=not do_not_upgrade)")
 def test_explicit_pull_passes_force(flm_server):
     requests.post(flm_server.api + "/pull", json={"model_name": MODEL}, timeout=60).raise_for_status()
     assert calls(flm_server.state)[-1] == ["pull", CKPT, "--force"]

@@ -140,7 +140,7 @@ def env(tmp_path, monkeypatch, github):
     hub = tmp_path / "hub"
     monkeypatch.setattr(path_utils, "llama_install_base", lambda: base)
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
-    monkeypatch.setenv(inst.ENV_DOWNLOAD_BASE, github.url + "/")
+    monkeypatch.setenv(path_utils.ENV_LLAMACPP_DOWNLOAD_BASE, github.url + "/")
     for name in ("LEMONADE_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     return {"base": base, "hub": hub, "dir": base / "llama" / "vulkan", "url": github.url + RELEASE_PATH}
@@ -458,13 +458,13 @@ def test_asset_name_errors(backend, system, message):
 
 
 def test_asset_url_default_and_override(monkeypatch):
-    monkeypatch.delenv(inst.ENV_DOWNLOAD_BASE, raising=False)
+    monkeypatch.delenv(path_utils.ENV_LLAMACPP_DOWNLOAD_BASE, raising=False)
     assert inst.asset_url("vulkan", "b6510", "Linux") == (
         "https://github.com/ggml-org/llama.cpp/releases/download/b6510/llama-b6510-bin-ubuntu-vulkan-x64.zip")
     assert inst.asset_url("rocm", "b1066", "Linux", "gfx110X") == (
         "https://github.com/lemonade-sdk/llamacpp-rocm/releases/download/b1066/"
         "llama-b1066-ubuntu-rocm-gfx110X-x64.zip")
-    monkeypatch.setenv(inst.ENV_DOWNLOAD_BASE, "http://127.0.0.1:9/mirror/")
+    monkeypatch.setenv(path_utils.ENV_LLAMACPP_DOWNLOAD_BASE, "http://127.0.0.1:9/mirror/")
     assert inst.asset_url("metal", "b6510", "Darwin") == (
         "http://127.0.0.1:9/mirror/ggml-org/llama.cpp/releases/download/b6510/llama-b6510-bin-macos-arm64.zip")
 

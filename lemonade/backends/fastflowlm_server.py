@@ -35,7 +35,6 @@ WINDOWS_PATHS = (r"C:\Program Files\FastFlowLM\flm.exe", r"C:\Program Files (x86
 INSTALL_URL = "https://github.com/FastFlowLM/FastFlowLM/releases/latest/download/flm-setup.exe"
 
 READY_TIMEOUT = 300.0  # C++ B: 300 attempts of ≤1 s on /api/tags (§3.4), as a wall-clock deadline
-ENV_READY_TIMEOUT = "LEMONADE_FLM_READY_TIMEOUT"  # ours: seconds, so tests can shorten the deadline
 PULL_TIMEOUT = 300.0  # C++: `flm pull` waited ≤300 s (§3.4)
 REMOVE_TIMEOUT = 60.0  # C++: `flm remove` waited ≤60 s (§9.5)
 VERSION_TIMEOUT = 5.0  # C++: 50 × 100 ms for `flm version`
@@ -187,13 +186,13 @@ def remove(checkpoint: str, model_name: str | None = None) -> None:
 
 def flm_ready_timeout() -> float:
     """The readiness deadline: `$LEMONADE_FLM_READY_TIMEOUT` seconds if set and positive, else 300 s."""
-    value = os.environ.get(ENV_READY_TIMEOUT)
+    value = path_utils.flm_ready_timeout_setting()
     try:
         seconds = float(value) if value else READY_TIMEOUT
     except ValueError:
         seconds = 0.0
     if seconds <= 0:
-        log.warning("Ignoring %s=%r (not a positive number)", ENV_READY_TIMEOUT, value)
+        log.warning("Ignoring %s=%r (not a positive number)", path_utils.ENV_FLM_READY_TIMEOUT, value)
         return READY_TIMEOUT
     return seconds
 

@@ -41,11 +41,6 @@ from lemonade.utils import http_client, path_utils
 
 log = logging.getLogger(__name__)
 
-# TODO(lead): move to path_utils (one owner per env var) as ENV_LLAMACPP_DOWNLOAD_BASE /
-# llamacpp_download_base(); this module then calls path_utils.llamacpp_download_base().
-ENV_DOWNLOAD_BASE = "LEMONADE_LLAMACPP_DOWNLOAD_BASE"
-DEFAULT_DOWNLOAD_BASE = "https://github.com"
-
 VERSIONS_FILE = "backend_versions.json"
 VERSION_MARKER = "version.txt"
 BACKEND_MARKER = "backend.txt"
@@ -62,11 +57,6 @@ RELEASE_REPOS = {"vulkan": "ggml-org/llama.cpp", "metal": "ggml-org/llama.cpp", 
 
 _locks: dict[str, threading.Lock] = {}
 _locks_lock = threading.Lock()  # guards _locks; each per-backend lock covers one check-and-install
-
-
-def download_base() -> str:
-    """`$LEMONADE_LLAMACPP_DOWNLOAD_BASE` without its trailing slash, else `https://github.com`."""
-    return (os.environ.get(ENV_DOWNLOAD_BASE) or DEFAULT_DOWNLOAD_BASE).rstrip("/")
 
 
 # ---------------------------------------------------------------- version pin (§8.1) ---------------
@@ -136,8 +126,8 @@ def asset_name(backend: str, version: str, system: str | None = None, arch: str 
 
 
 def asset_url(backend: str, version: str, system: str | None = None, arch: str | None = None) -> str:
-    """`<base>/<repo>/releases/download/<version>/<asset>`, base from `download_base()`."""
-    return (f"{download_base()}/{RELEASE_REPOS[backend]}/releases/download/{version}/"
+    """`<base>/<repo>/releases/download/<version>/<asset>`, base from `path_utils.llamacpp_download_base()`."""
+    return (f"{path_utils.llamacpp_download_base()}/{RELEASE_REPOS[backend]}/releases/download/{version}/"
             f"{asset_name(backend, version, system, arch)}")
 
 

