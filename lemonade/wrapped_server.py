@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import enum
 import logging
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from lemonade.error_types import ModelNotLoadedError, ProcessError
+from lemonade.error_types import ModelNotLoadedError, NetworkError, ProcessError
 from lemonade.utils import http_client, json_utils, process_manager
 
 log = logging.getLogger(__name__)
@@ -174,10 +175,30 @@ class WrappedServer:
         NetworkError (the child did not answer)."""
         if not self.is_alive():
             raise ModelNotLoadedError(self.server_name)
-        return http_client.post_json(self.base_url() + endpoint, json_utils.dumps(self.rewrite_request(body)))
+        try:
+            return http_client.post_json(self.base_url() + endpoint,
+                                         json_utils.dumps(self.rewrite_request(body)))
+        except NetworkError as e:
+            raise self._death_or(e) from e
+
+    def _death_or(self, error: Exception) -> Exception:
+        """A failed call to a child that has just died reports the death (the next request reloads
+        it, since `is_alive` is then false), not a bare connection error."""
+        child = self.child
+        if child is not None:
+            try:
+                child.popen.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:  # still running: the network error stands
+                return error
+            return ProcessError(f"{self.server_name} exited with code {child.exit_code()} "
+                                "while handling the request")
+        return error
 
     def open_stream(self, endpoint: str, body: bytes):
         """POST to the child and return the open streaming response (see streaming_proxy)."""
         if not self.is_alive():
             raise ModelNotLoadedError(self.server_name)
-        return http_client.post_stream(self.base_url() + endpoint, body)
+        try:
+            return http_client.post_stream(self.base_url() + endpoint, body)
+        except NetworkError as e:
+            raise self._death_or(e) from e
