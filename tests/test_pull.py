@@ -31,11 +31,12 @@ def hub():
 @pytest.fixture
 def env(hub, tmp_path, seeded_hub_cache):
     """Lemonade pointed at the loopback hub; the cache already holds the embedded model (hard links)."""
-    shutil.copytree(seeded_hub_cache, tmp_path / "hub", symlinks=True, copy_function=os.link)
-    environment = hub_env(hub, tmp_path / "hub")
-    (tmp_path / "run").mkdir()
-    environment.update(LEMONADE_CACHE_DIR=str(tmp_path / "lemonade"), LEMONADE_CI_MODE="1",
-                       LEMONADE_RUNTIME_DIR=str(tmp_path / "run"), LEMONADE_PORT=str(free_port()))
+    root = tmp_path / "pull"  # apart from the dirs of conftest's lemonade_env in the same tmp_path
+    shutil.copytree(seeded_hub_cache, root / "hub", symlinks=True, copy_function=os.link)
+    environment = hub_env(hub, root / "hub")
+    (root / "run").mkdir()
+    environment.update(LEMONADE_CACHE_DIR=str(root / "lemonade"), LEMONADE_CI_MODE="1",
+                       LEMONADE_RUNTIME_DIR=str(root / "run"), LEMONADE_PORT=str(free_port()))
     return {k: v for k, v in environment.items() if not k.lower().endswith("_proxy")}
 
 

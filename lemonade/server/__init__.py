@@ -63,6 +63,23 @@ def run_server(config, on_ready=None, persistent: bool = False) -> int:
         single_instance.release(single_instance.ROUTER)
 
 
+def _attach_log_file() -> None:
+    """Also write the log to `server_log_path()`, truncated at start (C++ `lemonade-server` sends the
+    router's output there), so `/logs/stream` has a file to tail whoever started the server."""
+    from lemonade.utils import path_utils
+
+    path = path_utils.server_log_path()
+    try:
+        handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    except OSError as e:
+        log.warning("Cannot write the log file %s: %s", path, e)
+        return
+    root = logging.getLogger()
+    template = root.handlers[0].formatter if root.handlers else None
+    handler.setFormatter(template or logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+
+
 def _serve(config, on_ready, persistent: bool) -> int:
     from lemonade import single_instance
     from lemonade.backends.llamacpp_server import LlamaCppOptions
@@ -72,6 +89,7 @@ def _serve(config, on_ready, persistent: bool) -> int:
     from lemonade.server.handlers import Api
     from lemonade.server.httpd import LemonadeHTTPServer, serve_forever_in_thread
 
+    _attach_log_file()
     models = ModelManager()
     try:
         models.supported_models()
