@@ -60,10 +60,18 @@ class JsonReply:
 
 def post_json(url: str, body: bytes, timeout: float = BACKEND_TIMEOUT) -> JsonReply:
     """POST a JSON body and parse the answer. Blocks; raises NetworkError when no answer arrives."""
+    return _json_call("POST", url, timeout, data=body, headers={"Content-Type": "application/json"},
+                      allow_redirects=False)
+
+
+def get_json(url: str, timeout: float = BACKEND_TIMEOUT) -> JsonReply:
+    """GET and parse the answer. Blocks; raises NetworkError when no answer arrives."""
+    return _json_call("GET", url, timeout)
+
+
+def _json_call(method: str, url: str, timeout: float, **kwargs) -> JsonReply:
     try:
-        response = session_for(url).post(
-            url, data=body, headers={"Content-Type": "application/json"},
-            timeout=(CONNECT_TIMEOUT, timeout), allow_redirects=False)
+        response = session_for(url).request(method, url, timeout=(CONNECT_TIMEOUT, timeout), **kwargs)
     except requests.RequestException as e:
         raise NetworkError(str(e)) from e
     try:
@@ -94,18 +102,6 @@ def iter_chunks(response: requests.Response) -> Iterator[bytes]:
     (llama-server sends one SSE frame per chunk), so nothing waits for a buffer to fill.
     """
     return response.iter_content(chunk_size=None)
-
-
-def get_json(url: str, timeout: float = BACKEND_TIMEOUT) -> JsonReply:
-    try:
-        response = session_for(url).get(url, timeout=(CONNECT_TIMEOUT, timeout))
-    except requests.RequestException as e:
-        raise NetworkError(str(e)) from e
-    try:
-        parsed: Any = response.json()
-    except ValueError:
-        parsed = response.text
-    return JsonReply(response.status_code, parsed)
 
 
 def is_reachable(url: str, timeout: float = 1.0) -> bool:
