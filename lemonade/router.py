@@ -171,7 +171,7 @@ class Router:
         if gguf is None:
             raise ProcessError(f"GGUF file not found for checkpoint: {info.checkpoint}")
         return LlamaCppServer(info.name, info.checkpoint, info.recipe, gguf, info.labels,
-                              self.models.mmproj_path(info), self.llamacpp)
+                              self.models.mmproj_path(info), self.llamacpp, info.llamacpp_args)
 
     # -- unload and shutdown -----------------------------------------------------------------------
 

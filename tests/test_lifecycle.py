@@ -1,6 +1,7 @@
 """Backend lifecycle: load, unload, shutdown paths, concurrent auto-loads; checked with psutil."""
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -86,9 +87,11 @@ def test_killed_backend_is_reloaded(server_factory):
 
 
 def _dead(proc) -> bool:
+    """Exited for good: a zombie whose other threads are gone too. A killed multi-threaded process
+    shows its leader as a zombie while its threads still exit, and waitpid reports it only after."""
     try:
-        return proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
+        return proc.status() == psutil.STATUS_ZOMBIE and len(os.listdir(f"/proc/{proc.pid}/task")) <= 1
+    except (psutil.NoSuchProcess, FileNotFoundError):
         return True
 
 

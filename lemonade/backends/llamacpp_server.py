@@ -124,9 +124,10 @@ def split_custom_args(text: str) -> list[str]:
 
 
 def build_argv(binary: str, gguf: str, port: int, options: LlamaCppOptions, labels: list[str],
-               mmproj: str | None = None) -> list[str]:
+               mmproj: str | None = None, model_args: str = "") -> list[str]:
     """The exact C++ B command line (§8.6). Raises InvalidRequestError on a custom arg that
-    overrides a managed flag (§8.7 message)."""
+    overrides a managed flag (§8.7 message). `model_args` come from our embedded registry (e.g. the
+    chat template a GGUF lacks) and go before the user's `--llamacpp-args`, which can override them."""
     embeddings = "embeddings" in labels
     ctx = max(options.ctx_size, EMBEDDINGS_MIN_CTX) if embeddings else options.ctx_size
     argv = [binary, "-m", gguf, "--ctx-size", str(ctx), "--port", str(port), "--jinja"]
@@ -147,15 +148,16 @@ def build_argv(binary: str, gguf: str, port: int, options: LlamaCppOptions, labe
                 "Invalid custom llama-server arguments:\n"
                 f"Argument '{token.split('=', 1)[0]}' is managed by Lemonade and cannot be overridden.\n"
                 f"Reserved arguments: {', '.join(reserved)}")
-    return argv + custom
+    return argv + split_custom_args(model_args) + custom
 
 
 class LlamaCppServer(WrappedServer):
     server_name = "llama-server"
 
     def __init__(self, model_name: str, checkpoint: str, recipe: str, gguf: Path, labels: list[str],
-                 mmproj: Path | None, options: LlamaCppOptions):
+                 mmproj: Path | None, options: LlamaCppOptions, model_args: str = ""):
         super().__init__(model_name, checkpoint, recipe)
+        self.model_args = model_args
         self.gguf = gguf
         self.labels = labels
         self.mmproj = mmproj
@@ -170,7 +172,7 @@ class LlamaCppServer(WrappedServer):
     def build_argv(self, port: int) -> list[str]:
         assert self.binary is not None
         return build_argv(str(self.binary), str(self.gguf), port, self.options, self.labels,
-                          str(self.mmproj) if self.mmproj else None)
+                          str(self.mmproj) if self.mmproj else None, self.model_args)
 
     def child_env(self) -> dict[str, str] | None:
         if self.options.backend != "rocm" or self.binary is None:
