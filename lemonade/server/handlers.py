@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from typing import Any
 
@@ -23,19 +24,59 @@ MODEL_CREATED = 1234567890  # the constant `created` of C++ model entries (§4.2
 SHUTDOWN_DELAY = 0.1  # C++ answers, then stops 100 ms later (§4.19)
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """A request body as a JSON object. Raises InvalidRequestError with the parser's reason."""
-    if not raw.strip():
-        raise InvalidRequestError("Request body is empty; expected a JSON object")
+    """A request body as a JSON object. Raises InvalidRequestError with the parser's reason.
+
+    Stricter than `json.loads`, like nlohmann (which the C++ server and llama-server use): UTF-8
+    only (a BOM is skipped), no `NaN`/`Infinity`, no unpaired surrogate escapes. Each of those would
+    otherwise reach llama-server as bytes it refuses, or fail when we serialise the body again."""
     try:
-        body = json.loads(raw)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InvalidRequestError(f"Request body is not valid UTF-8: {e}") from None
+    text = text.removeprefix("\ufeff")
+    if not text.strip():
+        raise InvalidRequestError("Request body is empty; expected a JSON object")
+    try:
+        body = json.loads(text, parse_constant=_refuse_constant)
     except ValueError as e:
         raise InvalidRequestError(f"Invalid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidRequestError("Invalid JSON: nested too deeply") from None
     if not isinstance(body, dict):
-        raise InvalidRequestError(f"Expected a JSON object, got {type(body).__name__}")
+        raise InvalidRequestError(f"Expected a JSON object, got {_json_type(body)}")
+    if _SURROGATE_ESCAPE.search(raw):
+        _check_encodable(body)
     return body
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_encodable(value) -> None:
+    """Unpaired surrogate escapes (`"\\ud800"`) decode to strings no UTF-8 encoder accepts."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequestError("Invalid JSON: unpaired UTF-16 surrogate in a string") from None
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def optional_field(body: dict, key: str, kind: type, kind_name: str):
@@ -44,7 +85,7 @@ def optional_field(body: dict, key: str, kind: type, kind_name: str):
     if value is None:
         return None
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise InvalidRequestError(f"'{key}' must be a {kind_name}")
+        raise InvalidRequestError(f"'{key}' must be a {kind_name}, got {_json_type(value)}")
     return value
 
 
@@ -115,10 +156,14 @@ class Api:
     # -- inference ---------------------------------------------------------------------------------
 
     def _inference_body(self, h) -> tuple[bytes, dict, str | None, bool]:
+        """Read and check the fields Lemonade itself interprets (§4.4); the rest is the backend's."""
         raw = h.read_body()
         body = parse_json_object(raw)
         model = optional_field(body, "model", str, "string")
         stream = optional_field(body, "stream", bool, "boolean")
+        messages = optional_field(body, "messages", list, "array")
+        if messages is not None and not all(isinstance(m, dict) for m in messages):
+            raise InvalidRequestError("'messages' must be an array of objects")
         if model is None and self.router.loaded() is None:
             h.send_json(400, simple_error_body("No model loaded and no model specified in request"))
             raise _Answered()

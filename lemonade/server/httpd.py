@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from lemonade import error_types
 from lemonade.error_types import InvalidRequestError, LemonadeError, RequestTooLargeError
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 API_PREFIXES = ("/api/v0/", "/api/v1/")
 MAX_JSON_BODY = 32 * 1024 * 1024  # larger bodies get 413 without being read
 CLIENT_IDLE_TIMEOUT = 60.0  # a silent client cannot pin a handler thread forever
+DISCARD_LIMIT = 1024 * 1024  # unread bodies up to this size are drained to keep the connection
+# Methods cpp-httplib parses (httplib.h `parse_request_line`) but for which no route exists: 404.
+# Any other method is a malformed request line for httplib: 400 (http.server would say 501).
+KNOWN_METHODS_WITHOUT_ROUTES = ("PUT", "DELETE", "PATCH", "CONNECT", "TRACE")
 CORS_HEADERS = (
     ("Access-Control-Allow-Origin", "*"),
     ("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS"),
@@ -78,7 +83,21 @@ def match_route(method: str, path: str) -> tuple[str | None, dict]:
 
 
 class ClientDisconnected(Exception):
-    pass
+    """The client went away while we were writing to it."""
+
+
+class RequestTimeoutError(InvalidRequestError):
+    """The client did not send its request within the socket timeout."""
+
+    status = 408
+
+
+class ResponseComplete(Exception):
+    """The handler has written everything it will (e.g. the headers of a HEAD on an SSE route)."""
+
+
+# Handlers that read the request body themselves; for every other route the body is discarded first.
+_BODY_READERS = set(API_POST.values()) | {"shutdown", "test"}
 
 
 class LemonadeHTTPServer(ThreadingHTTPServer):
@@ -86,8 +105,11 @@ class LemonadeHTTPServer(ThreadingHTTPServer):
     request_queue_size = 128
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], api):
+    def __init__(self, address: tuple[str, int], api, client_timeout: float = CLIENT_IDLE_TIMEOUT):
+        """`client_timeout` bounds every read from and write to a client socket (idle keep-alive,
+        a stalled request line, header or body, a client that stops reading a stream)."""
         self.api = api
+        self.client_timeout = client_timeout
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.address_family = family
         super().__init__(address, Handler)
@@ -103,6 +125,7 @@ class Handler(BaseHTTPRequestHandler):
     timeout = CLIENT_IDLE_TIMEOUT
 
     def setup(self) -> None:
+        self.timeout = self.server.client_timeout  # StreamRequestHandler.setup applies it to the socket
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -118,8 +141,7 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch("HEAD")
 
     def do_OPTIONS(self) -> None:
-        self._discard_body()
-        self._send(204, b"", None)
+        self._dispatch("OPTIONS")
 
     def do_PUT(self) -> None:
         self._dispatch("PUT")
@@ -130,14 +152,38 @@ class Handler(BaseHTTPRequestHandler):
     def do_PATCH(self) -> None:
         self._dispatch("PATCH")
 
-    def _dispatch(self, method: str) -> None:
-        url = urlsplit(self.path)
-        self.url_path, self.query = url.path, parse_qs(url.query)
+    def do_CONNECT(self) -> None:
+        self._dispatch("CONNECT")
+
+    def do_TRACE(self) -> None:
+        self._dispatch("TRACE")
+
+    def _begin(self, method: str) -> None:
+        """Per-request state; the path is percent-decoded before routing, as httplib does."""
         self.status_sent = 0
-        name, params = match_route(method, self.url_path)
+        self.url_path, self.query = self.path, {}
+        te = self.headers.get("Transfer-Encoding", "").lower()
+        self.body_pending = "chunked" in te or self.headers.get("Content-Length", "0").strip() not in ("", "0")
+        url = urlsplit(self.path)  # may raise ValueError (e.g. "//[": an unclosed IPv6 literal)
+        self.url_path, self.query = unquote(url.path), parse_qs(url.query)
+        log.debug("[Server PRE-ROUTE] %s %s", method, self.url_path)
+
+    def _dispatch(self, method: str) -> None:
         try:
-            if name is None:
-                self._discard_body()
+            self._begin(method)
+        except ValueError as e:  # urlsplit refused the request target
+            self.close_connection = True
+            self.send_error_exc(InvalidRequestError(f"Malformed request target: {e}"))
+            self._log_done()
+            return
+        # OPTIONS: any path, no check that it exists (C++ §2.4).
+        name, params = ("options", {}) if method == "OPTIONS" else match_route(method, self.url_path)
+        try:
+            if name not in _BODY_READERS:
+                self._discard_body()  # keep-alive needs the body off the wire before we answer
+            if name == "options":
+                self._send(204, b"", None)
+            elif name is None:
                 self.send_json(404, error_types.not_found_body(self.url_path))
             elif name == "head_ok":
                 self._send(200, b"", None)
@@ -145,42 +191,59 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(405, METHOD_NOT_ALLOWED_BODY, "application/json")
             else:
                 getattr(self.server.api, name)(self, **params)
-        except ClientDisconnected:
+        except ResponseComplete:
+            pass
+        except (ClientDisconnected, BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except LemonadeError as e:
             self.send_error_exc(e, string_body=name in STRING_ERROR_HANDLERS)
-        except (BrokenPipeError, ConnectionResetError):
+        except TimeoutError:  # the client stalled mid-body (socket timeout): free the thread
             self.close_connection = True
+            self.send_error_exc(RequestTimeoutError(
+                f"Request body not received within {self.server.client_timeout:g} s"))
+        except RecursionError:  # JSON nested deeper than the interpreter can walk
+            self.send_error_exc(InvalidRequestError("Request JSON is nested too deeply"),
+                                string_body=name in STRING_ERROR_HANDLERS)
         except Exception as e:  # the last line of defence: a JSON 500, never a dead thread
             log.exception("Error handling %s %s", method, self.url_path)
             self.send_error_exc(LemonadeError(f"{type(e).__name__}: {e}"))
-        log.info("[Server] %s %s - %s", method, self.url_path, self.status_sent or "closed")
+        self._log_done()
+
+    def _log_done(self) -> None:
+        log.info("[Server] %s %s - %s", self.command, self.url_path, self.status_sent or "closed")
 
     # -- request bodies ----------------------------------------------------------------------------
 
     def content_length(self) -> int:
-        value = self.headers.get("Content-Length")
-        if value is None:
+        """The declared body length. Raises InvalidRequestError (and closes) if it is unusable."""
+        values = {v.strip() for v in self.headers.get_all("Content-Length") or ()}
+        if not values:
             return 0
-        try:
-            length = int(value)
-        except ValueError:
+        if len(values) > 1:
             self.close_connection = True
-            raise InvalidRequestError(f"Invalid Content-Length: {value!r}") from None
-        if length < 0:
+            raise InvalidRequestError("Conflicting Content-Length headers")
+        value = values.pop()
+        if not (value.isascii() and value.isdigit()) or len(value) > 20:  # digits only, as RFC 9110 says
             self.close_connection = True
-            raise InvalidRequestError(f"Invalid Content-Length: {value!r}")
-        return length
+            raise InvalidRequestError(f"Invalid Content-Length: {value[:40]!r}")
+        return int(value)
 
     def read_body(self, limit: int = MAX_JSON_BODY) -> bytes:
-        """The whole request body. Raises RequestTooLargeError past `limit` without reading it."""
+        """The whole request body. Raises RequestTooLargeError past `limit` without reading it,
+        InvalidRequestError when the body ends early, TimeoutError when the client stalls."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return self._read_chunked(limit)
-        length = self.content_length()
-        if length > limit:
-            self.close_connection = True  # the unread body would be parsed as the next request
-            raise RequestTooLargeError(f"Request body of {length} bytes exceeds the limit of {limit}")
-        return self.rfile.read(length) if length else b""
+            body = self._read_chunked(limit)
+        else:
+            length = self.content_length()
+            if length > limit:
+                raise RequestTooLargeError(f"Request body of {length} bytes exceeds the limit of {limit}")
+            body = self.rfile.read(length) if length else b""
+            if len(body) < length:
+                self.close_connection = True
+                raise InvalidRequestError(
+                    f"Request body ended after {len(body)} of {length} bytes (Content-Length)")
+        self.body_pending = False
+        return body
 
     def _read_chunked(self, limit: int) -> bytes:
         parts, total = [], 0
@@ -188,6 +251,8 @@ class Handler(BaseHTTPRequestHandler):
             line = self.rfile.readline(1024)
             try:
                 size = int(line.split(b";", 1)[0].strip() or b"x", 16)
+                if size < 0:
+                    raise ValueError
             except ValueError:
                 self.close_connection = True
                 raise InvalidRequestError("Malformed chunked request body") from None
@@ -197,20 +262,24 @@ class Handler(BaseHTTPRequestHandler):
                 return b"".join(parts)
             total += size
             if total > limit:
-                self.close_connection = True
                 raise RequestTooLargeError(f"Request body exceeds the limit of {limit} bytes")
-            parts.append(self.rfile.read(size))
+            part = self.rfile.read(size)
+            if len(part) < size:
+                self.close_connection = True
+                raise InvalidRequestError("Chunked request body ended early")
+            parts.append(part)
             self.rfile.readline(1024)
 
     def _discard_body(self) -> None:
-        try:
-            length = self.content_length()
-        except InvalidRequestError:
+        """Drop a body nobody reads. Small ones are drained so the connection survives; anything
+        large or malformed closes the connection instead (never read into memory)."""
+        if not self.body_pending:
             return
-        if length > MAX_JSON_BODY:
+        try:
+            self.read_body(DISCARD_LIMIT)
+        except (InvalidRequestError, OSError):
             self.close_connection = True
-        elif length:
-            self.rfile.read(length)
+        self.body_pending = False
 
     # -- responses ---------------------------------------------------------------------------------
 
@@ -222,6 +291,8 @@ class Handler(BaseHTTPRequestHandler):
             lines.append(f"Content-Type: {content_type}")
         lines += [f"{k}: {v}" for k, v in CORS_HEADERS + tuple(headers)]
         lines.append(f"Content-Length: {len(body)}")
+        if getattr(self, "body_pending", False):
+            self.close_connection = True  # the unread body would be parsed as the next request
         if self.close_connection:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -248,10 +319,16 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def start_sse(self, extra_headers: tuple = ()) -> None:
+        """Send the SSE headers. For HEAD that is the whole answer: raises ResponseComplete."""
         lines = [f"{self.protocol_version} 200 OK"]
         lines += [f"{k}: {v}" for k, v in SSE_HEADERS + CORS_HEADERS + tuple(extra_headers)]
-        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        try:
+            self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        except OSError as e:
+            raise ClientDisconnected() from e
         self.status_sent = 200
+        if self.command == "HEAD":
+            raise ResponseComplete()
 
     def write_chunk(self, data: bytes) -> None:
         """One HTTP chunk per backend chunk, in a single write (wfile is unbuffered)."""
@@ -272,10 +349,18 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("%s - %s", self.address_string(), format % args)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (bad request line, oversized headers) as JSON, not HTML."""
+        """http.server's own errors (bad request line, oversized headers) as JSON, not HTML.
+
+        httplib answers 400 to a method or HTTP version it does not parse; http.server would say
+        501 or 505, which would blame the server for a malformed request."""
+        if code in (501, 505):
+            code = 400
         self.close_connection = True
-        self.url_path = getattr(self, "url_path", self.path if hasattr(self, "path") else "")
-        if not hasattr(self, "command") or self.command is None:
+        self.body_pending = False
+        if not isinstance(getattr(self, "path", None), str):
+            self.path = ""
+        self.url_path = getattr(self, "url_path", None) or self.path
+        if getattr(self, "command", None) is None:
             self.command = "GET"
         self.status_sent = 0
         body = error_types.error_body(message or "Bad request", "bad_request")
@@ -283,6 +368,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(code, body)
         except OSError:
             pass
+        log.info("[Server] Error %d: %s", code, message or "bad request")
 
 
 def serve_forever_in_thread(server: LemonadeHTTPServer) -> threading.Thread:

@@ -14,6 +14,7 @@ from lemonade.error_types import InvalidRequestError
 BLOCK = 1 << 20
 MAX_HEADER_BYTES = 16 * 1024
 MAX_FIELD_BYTES = 1 << 20
+MAX_EPILOGUE_BYTES = 1 << 20  # bytes after the closing delimiter we drain to keep the connection
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 _PARAM = re.compile(r';\s*([a-zA-Z*]+)="((?:[^"\\]|\\.)*)"')
 
@@ -50,9 +51,11 @@ class _Source:
 
 def read_multipart(rfile: BinaryIO, length: int, boundary: str,
                    on_field: Callable[[str, str], None],
-                   open_file: Callable[[Part], BinaryIO]) -> None:
+                   open_file: Callable[[Part], BinaryIO]) -> int:
     """Parse the body; text fields go to `on_field`, file parts are written to `open_file(part)`'s
-    stream (closed by the reader). Raises InvalidRequestError on malformed input."""
+    stream (closed by the reader). Returns how many body bytes are left unread (an epilogue longer
+    than MAX_EPILOGUE_BYTES); 0 means the body is consumed. Raises InvalidRequestError on malformed
+    input, TimeoutError when the client stalls."""
     source = _Source(rfile, length)
     delimiter = b"\r\n--" + boundary.encode("latin-1")
     buffer = b"\r\n" + source.read()  # the first delimiter has no leading CRLF
@@ -62,7 +65,7 @@ def read_multipart(rfile: BinaryIO, length: int, boundary: str,
         buffer = _fill(buffer, source, len(delimiter) + 2)
         after = buffer[len(delimiter):len(delimiter) + 2]
         if after == b"--":
-            return  # closing delimiter
+            return _drain(source)  # closing delimiter; what follows is an epilogue
         if after != b"\r\n":
             raise InvalidRequestError("Malformed multipart body: bad delimiter line")
         buffer = buffer[len(delimiter) + 2:]
@@ -77,6 +80,13 @@ def read_multipart(rfile: BinaryIO, length: int, boundary: str,
                 _, buffer = _read_body(buffer, source, delimiter, sink, None)
             finally:
                 sink.close()
+
+
+def _drain(source: _Source) -> int:
+    drained = 0
+    while source.remaining > 0 and drained < MAX_EPILOGUE_BYTES:
+        drained += len(source.read())
+    return source.remaining
 
 
 def _fill(buffer: bytes, source: _Source, size: int) -> bytes:

@@ -10,7 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from lemonade.error_types import InvalidRequestError, LemonadeError, RegistryError, simple_error_body
+from lemonade.error_types import (InvalidRequestError, LemonadeError, RegistryError, RequestTooLargeError,
+                                  simple_error_body)
 from lemonade.model_manager import USER_PREFIX
 from lemonade.model_manager.registry import ModelInfo, save_user_model
 from lemonade.server import multipart
@@ -18,13 +19,17 @@ from lemonade.utils import path_utils
 
 log = logging.getLogger(__name__)
 
-MAX_UPLOAD_BYTES = 256 * 1024**3
+MAX_UPLOAD_BYTES = 256 * 1024**3  # larger uploads get 413 before a byte of the body is read
 RECIPES = ("llamacpp", "oga-npu", "oga-hybrid", "oga-cpu")
 _TRUE = ("true", "True", "1")
 
 
 class Conflict(LemonadeError):
     status = 409
+
+
+class LengthRequired(InvalidRequestError):
+    status = 411
 
 
 def _stored_name(filename: str) -> PurePosixPath:
@@ -41,10 +46,11 @@ def handle_add_local_model(h, manager) -> None:
     boundary = multipart.boundary_of(h.headers.get("Content-Type", ""))
     if boundary is None:
         raise RegistryError("Request must be multipart/form-data")
+    if "chunked" in h.headers.get("Transfer-Encoding", "").lower():
+        raise LengthRequired("Uploads need a Content-Length")
     length = h.content_length()
     if length > MAX_UPLOAD_BYTES:
-        h.close_connection = True
-        raise InvalidRequestError(f"Upload of {length} bytes exceeds the limit")
+        raise RequestTooLargeError(f"Upload of {length} bytes exceeds the limit of {MAX_UPLOAD_BYTES}")
     cache = path_utils.hf_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=cache))
@@ -59,6 +65,8 @@ def handle_add_local_model(h, manager) -> None:
     except LemonadeError as e:
         h.send_json(e.status, simple_error_body(e.message))
         return
+    except (TimeoutError, ConnectionError):
+        raise  # the client stalled (the dispatcher answers 408) or left
     except OSError as e:
         h.send_json(500, simple_error_body(f"Failed to upload model: {e}"))
         return
@@ -86,10 +94,11 @@ def _receive(h, length: int, boundary: str, staging: Path) -> tuple[dict[str, st
         return open(destination, "wb")
 
     try:
-        multipart.read_multipart(h.rfile, length, boundary, on_field, open_file)
+        unread = multipart.read_multipart(h.rfile, length, boundary, on_field, open_file)
     except InvalidRequestError:
         h.close_connection = True  # the rest of the body is unread
         raise
+    h.body_pending = unread > 0  # a long epilogue is left on the wire: the answer closes
     return fields, files
 
 

@@ -15,8 +15,10 @@ from lemonade.utils.json_utils import dumps
 NO_CACHE = (("Cache-Control", "no-cache, no-store, must-revalidate"), ("Pragma", "no-cache"),
             ("Expires", "0"))
 _PLATFORMS = {"Windows": "Windows", "Darwin": "Darwin", "Linux": "Linux"}
-_TYPES = {".js": "application/javascript", ".css": "text/css", ".html": "text/html",
-          ".ico": "image/x-icon", ".svg": "image/svg+xml", ".png": "image/png", ".json": "application/json"}
+# cpp-httplib's table (httplib.h `find_content_type`) for the shipped kinds; others via mimetypes.
+_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css", ".html": "text/html",
+          ".htm": "text/html", ".ico": "image/x-icon", ".svg": "image/svg+xml", ".png": "image/png",
+          ".json": "application/json", ".txt": "text/plain", ".woff2": "font/woff2"}
 
 
 def render_webapp(template: str, models: dict, port: int) -> str:
@@ -42,20 +44,24 @@ def serve_webapp(h, models, port: int) -> None:
 
 
 def static_file(relative: str) -> Path | None:
-    """The file under the static dir for a URL path, or None (missing, a directory, or outside)."""
+    """The file under the static dir for a (percent-decoded) URL path, or None: missing, a directory,
+    outside the static dir after resolving `..` and symlinks, or a name the OS refuses (NUL, too long)."""
     root = path_utils.static_dir().resolve()
-    candidate = (root / relative).resolve()
-    if root not in candidate.parents or not candidate.is_file():
+    try:
+        candidate = (root / relative).resolve()
+        if root not in candidate.parents or not candidate.is_file():
+            return None
+    except (OSError, ValueError):
         return None
     return candidate
 
 
 def serve_static(h, relative: str) -> None:
-    from urllib.parse import unquote
-
+    """`relative` is already percent-decoded by the dispatcher; decoding again would turn
+    `%252e%252e` into `..`."""
     from lemonade.error_types import not_found_body
 
-    path = static_file(unquote(relative))
+    path = static_file(relative)
     if path is None:
         h.send_json(404, not_found_body(h.url_path))
         return

