@@ -49,19 +49,38 @@ def _url(host: str, port: int, path: str) -> str:
 
 
 def request(host: str, port: int, method: str, path: str, body: dict | None = None,
-            timeout: float = PROBE_TIMEOUT) -> Any:
-    """Send one request and return the parsed JSON. Raises HttpFailure with the C++ client's message."""
+            timeout: float = PROBE_TIMEOUT, on_event=None) -> Any:
+    """Send one request and return the parsed JSON. Raises HttpFailure with the C++ client's message.
+
+    An SSE answer (our `/pull` with `"stream": true`) is handed event by event to
+    `on_event(name, data)`; the last non-None value it returns is the result."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(_url(host, port, path), data=data, method=method,
                                  headers={"Content-Type": "application/json"} if data else {})
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
     try:
         with opener.open(req, timeout=timeout) as response:
+            if on_event is not None and response.headers.get_content_type() == "text/event-stream":
+                return _read_events(response, on_event)
             return json.loads(response.read() or b"null")
     except urllib.error.HTTPError as e:
         raise HttpFailure(_error_message(e.code, e.read())) from None
     except (urllib.error.URLError, OSError, ValueError):
         raise HttpFailure("HTTP request failed: connection error") from None
+
+
+def _read_events(response, on_event) -> Any:
+    event, result = "message", None
+    for raw in response:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if line.startswith("event: "):
+            event = line[len("event: "):]
+        elif line.startswith("data: "):
+            value = on_event(event, json.loads(line[len("data: "):]))
+            result = value if value is not None else result
+        elif not line:
+            event = "message"
+    return result
 
 
 def _error_message(status: int, raw: bytes) -> str:
@@ -239,7 +258,9 @@ def pull(config, positionals: list[str], prog: str) -> int:
     info = single_instance.find_server()
     try:
         if info is not None:
-            answer = request(*_target(info), "POST", "/api/v1/pull", body, timeout=PULL_TIMEOUT)
+            # Ask for the SSE variant to show progress; a C++ server ignores `stream` and answers JSON.
+            answer = request(*_target(info), "POST", "/api/v1/pull", {**body, "stream": True},
+                             timeout=PULL_TIMEOUT, on_event=_pull_event_handler(_progress_printer()))
             if not (isinstance(answer, dict) and answer.get("status") == "success"):
                 print("Failed to pull model", file=sys.stderr)
                 return 1
@@ -255,6 +276,32 @@ def pull(config, positionals: list[str], prog: str) -> int:
         return 1
     print(f"Model pulled successfully: {model}")
     return 0
+
+
+class _ProgressView:
+    """A `/pull` SSE `progress` event with the attribute names of `hf_download.DownloadProgress`."""
+
+    def __init__(self, data: dict):
+        self.file = str(data.get("file", ""))
+        self.file_index = int(data.get("file_index", 0))
+        self.file_count = int(data.get("total_files", 0))
+        self.bytes_done = int(data.get("bytes_downloaded", 0))
+        self.bytes_total = int(data.get("bytes_total", 0))
+        self.total_done = int(data.get("total_downloaded", 0))
+        self.total_bytes = int(data.get("total_download_size", 0))
+        self.percent = float(data.get("percent", 0.0))
+
+
+def _pull_event_handler(show):
+    def on_event(name: str, data: Any):
+        if name == "progress" and isinstance(data, dict):
+            show(_ProgressView(data))
+        elif name == "complete":
+            return {"status": "success"}
+        elif name == "error":
+            raise HttpFailure(data.get("error", "pull failed") if isinstance(data, dict) else str(data))
+        return None
+    return on_event
 
 
 def _progress_printer():

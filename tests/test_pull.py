@@ -173,3 +173,40 @@ def test_delete_refuses_paths_outside_the_cache(env, tmp_path, server_factory):
         assert "error" in reply.json()
     assert (outside / "keep.txt").read_text() == "keep"
     assert DEFAULT_MODEL in {m["id"] for m in requests.get(server.api + "/models").json()["data"]}
+
+
+def test_cli_pull_through_running_server_shows_progress(hub, env, server_factory):
+    hub.add_repo("org/tiny-GGUF", TINY)
+    server = server_factory(env=env)
+    done = lemonade(env, "pull", "user.Tiny", "--checkpoint", "org/tiny-GGUF:Q4_0", "--recipe", "llamacpp")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "Pulling model: user.Tiny" and lines[-1] == "Model pulled successfully: user.Tiny"
+    assert any(line.startswith("tiny-Q4_0.gguf (1/2): 300000/300000 bytes") for line in lines), lines
+    assert "POST /api/v1/pull - 200" in server.log_text()
+    assert "user.Tiny" in {m["id"] for m in requests.get(server.api + "/models").json()["data"]}
+
+
+def test_cli_pull_draws_a_bar_on_a_tty(hub, env):
+    import pty
+
+    hub.add_repo("org/tiny-GGUF", TINY)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([shutil.which("lemonade"), "pull", "user.Tiny", "--checkpoint",
+                             "org/tiny-GGUF:Q4_0", "--recipe", "llamacpp"],
+                            env=env, stdout=follower, stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        output += data
+    assert proc.wait(timeout=60) == 0
+    os.close(leader)
+    text = output.decode("utf-8", "replace")
+    assert "\r[" in text and "100.0%" in text and "MB/s" in text and "ETA" in text, text
+    assert "Model pulled successfully: user.Tiny" in text
