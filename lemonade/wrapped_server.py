@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 300.0  # C++ B: 3000 polls ≈ 5 min (§3.4), as a wall-clock deadline here
 READY_POLL_INTERVAL = 0.1
 READY_PROBE_TIMEOUT = 1.0
+HUNG_PROBE_TIMEOUT = 5.0  # a healthy llama-server answers /health at once, even while generating
 
 
 class State(enum.Enum):
@@ -183,8 +184,17 @@ class WrappedServer:
 
     def _death_or(self, error: Exception) -> Exception:
         """A failed call to a child that has just died reports the death (the next request reloads
-        it, since `is_alive` is then false), not a bare connection error."""
+        it, since `is_alive` is then false), not a bare connection error. A child that timed out and
+        no longer answers its health probe is hung: it is stopped and reported, and reloaded next time."""
         child = self.child
+        if isinstance(error, http_client.BackendTimeout) and child is not None and child.is_alive():
+            if not any(http_client.is_reachable(f"{self.base_url()}{p}", HUNG_PROBE_TIMEOUT)
+                       for p in self.health_paths[:1]):
+                log.error("%s (pid %d) is hung: %s; stopping it", self.server_name, child.pid, error.message)
+                self.unload()
+                return ProcessError(f"{self.server_name} did not answer ({error.message}) and was "
+                                    "stopped; the next request starts it again")
+            return error
         if child is not None:
             try:
                 child.popen.wait(timeout=1.0)

@@ -15,6 +15,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from lemonade.error_types import NetworkError
+from lemonade.utils import path_utils
 
 USER_AGENT = "lemon.cpp/1.0"  # the C++ client's UA (router-and-backends §4); llama-server logs it
 POOL_SIZE = 64  # concurrent streams per backend; requests' default of 10 would queue the 11th client
@@ -58,8 +59,15 @@ class JsonReply:
     body: Any  # parsed JSON, or the raw text when the body is not JSON
 
 
-def post_json(url: str, body: bytes, timeout: float = BACKEND_TIMEOUT) -> JsonReply:
-    """POST a JSON body and parse the answer. Blocks; raises NetworkError when no answer arrives."""
+class BackendTimeout(NetworkError):
+    """The peer accepted the request but did not answer in time."""
+
+
+def post_json(url: str, body: bytes, timeout: float | None = None) -> JsonReply:
+    """POST a JSON body and parse the answer. Blocks; raises NetworkError when no answer arrives
+    (BackendTimeout after `timeout`, default `$LEMONADE_BACKEND_TIMEOUT` or 300 s)."""
+    if timeout is None:
+        timeout = path_utils.backend_timeout(BACKEND_TIMEOUT)
     return _json_call("POST", url, timeout, data=body, headers={"Content-Type": "application/json"},
                       allow_redirects=False)
 
@@ -72,6 +80,8 @@ def get_json(url: str, timeout: float = BACKEND_TIMEOUT) -> JsonReply:
 def _json_call(method: str, url: str, timeout: float, **kwargs) -> JsonReply:
     try:
         response = session_for(url).request(method, url, timeout=(CONNECT_TIMEOUT, timeout), **kwargs)
+    except requests.ReadTimeout as e:
+        raise BackendTimeout(f"no answer within {timeout:g} s") from e
     except requests.RequestException as e:
         raise NetworkError(str(e)) from e
     try:

@@ -20,6 +20,7 @@ ENV_LEMONADE_OFFLINE = "LEMONADE_OFFLINE"
 ENV_LLAMA_SERVER = "LEMONADE_LLAMA_SERVER"  # explicit llama-server override (ours; C++ had none)
 ENV_FLM = "LEMONADE_FLM"  # explicit flm override (ours)
 ENV_FLM_READY_TIMEOUT = "LEMONADE_FLM_READY_TIMEOUT"  # seconds (ours: tests shorten the deadline)
+ENV_BACKEND_TIMEOUT = "LEMONADE_BACKEND_TIMEOUT"  # seconds a backend may take to answer (ours)
 ENV_LLAMACPP_DOWNLOAD_BASE = "LEMONADE_LLAMACPP_DOWNLOAD_BASE"  # release mirror (ours; C++: github.com)
 DEFAULT_LLAMACPP_DOWNLOAD_BASE = "https://github.com"
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
@@ -142,6 +143,15 @@ def flm_override() -> str | None:
 def flm_ready_timeout_setting() -> str | None:
     """The raw `$LEMONADE_FLM_READY_TIMEOUT` (the FLM backend validates it)."""
     return os.environ.get(ENV_FLM_READY_TIMEOUT) or None
+
+
+def backend_timeout(default: float) -> float:
+    """`$LEMONADE_BACKEND_TIMEOUT` seconds if it is a positive number, else `default` (C++: 300 s)."""
+    try:
+        value = float(os.environ.get(ENV_BACKEND_TIMEOUT, ""))
+    except ValueError:
+        return default
+    return value if value > 0 else default
 
 
 def llamacpp_download_base() -> str:
