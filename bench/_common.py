@@ -139,8 +139,7 @@ class Servers:
     def start(self, binaries: harness.Binaries, load: bool = True) -> harness.Router:
         base = self.work / f"router-{len(self.routers)}"
         base.mkdir()
-        router = harness.start_router(binaries, base, self.gguf, "hub-layout")
-        router.extra_args = ()
+        router = harness.start_router(binaries, base, self.gguf, "hub-layout", log_level="info")
         self.routers.append(router)
         if load:
             status, body = request(router.port, "POST", "/api/v1/load", {"model_name": MODEL}, LOAD_TIMEOUT)

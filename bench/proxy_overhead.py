@@ -12,6 +12,8 @@ from __future__ import annotations
 import http.client
 import json
 
+import psutil
+
 import _common as c
 
 GOAL_MS = 1.0
@@ -51,6 +53,8 @@ def added_latency(router: c.harness.Router, n: int, warmup: int = 10) -> dict[st
         direct.post(c.chat_path(True), body)
         proxied.post(c.chat_path(False), body)
     d, p = [], []
+    server = psutil.Process(router.proc.pid)
+    cpu_before = sum(server.cpu_times()[:2])
     for i in range(n):
         # Alternate which goes first so neither always meets a warm or a cold backend.
         if i % 2:
@@ -59,8 +63,9 @@ def added_latency(router: c.harness.Router, n: int, warmup: int = 10) -> dict[st
         else:
             p.append(proxied.post(c.chat_path(False), body))
             d.append(direct.post(c.chat_path(True), body))
+    cpu = (sum(server.cpu_times()[:2]) - cpu_before) / n  # the router's CPU per proxied request
     added = [b - a for a, b in zip(d, p)]
-    return {"direct_p50": c.median(d), "through_p50": c.median(p), "added_p50": c.median(added),
+    return {"router_cpu_per_request": cpu, "direct_p50": c.median(d), "through_p50": c.median(p), "added_p50": c.median(added),
             "added_p95": c.pct(added, 0.95), "added_p50_of_medians": c.median(p) - c.median(d),
             "ratio_p50": c.median(p) / c.median(d)}
 
@@ -92,6 +97,9 @@ def main() -> None:
               f"< {GOAL_MS:.0f} ms" + (" and <= C++" if ref else ""),
               "yes" if ours["added_p50"] * 1000 < GOAL_MS and (not ref or ours["added_p50"] <= ref["added_p50"])
               else "no"),
+        c.Row("router CPU time per proxied request", ms(ours["router_cpu_per_request"]),
+              ms(ref["router_cpu_per_request"]) + " (C++)" if ref else "",
+              f"{ours['router_cpu_per_request'] / ref['router_cpu_per_request']:.1f}x C++" if ref else ""),
         c.Row("added latency p95", ms(ours["added_p95"]), ms(ref["added_p95"]) + " (C++)" if ref else ""),
     ]
     c.write_rows(args, rows)

@@ -313,10 +313,12 @@ def make_home(base: Path, gguf: tuple[Path, str], layout: str | None) -> Path:
     return home
 
 
-def start_router(binaries: Binaries, base: Path, gguf, layout: str | None = "hub-layout", *args: str) -> Router:
+def start_router(binaries: Binaries, base: Path, gguf, layout: str | None = "hub-layout", *args: str,
+                 log_level: str = "debug") -> Router:
+    """A router on a free port with a fresh HOME under `base`, seeded in `layout` (None: empty cache)."""
     home = make_home(base, gguf, layout)
     router = Router(binaries, home, make_env(binaries, home), free_port(),
-                    base / "router.log", extra_args=("--log-level", "debug", *args))
+                    base / "router.log", extra_args=("--log-level", log_level, *args))
     try:
         return router.start()
     except BaseException:
