@@ -108,7 +108,7 @@ def request_bytes(method: str, path: str, body: bytes = b"", headers: dict | Non
         lines.append(f"{key}: {value}")
     if content_length and body and not any(k.lower() == "content-length" for k in (headers or {})):
         lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body  # raw bytes, as a fuzzer wants
 
 
 def server_process(server: ServerProc) -> psutil.Process:

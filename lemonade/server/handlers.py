@@ -85,7 +85,8 @@ def optional_field(body: dict, key: str, kind: type, kind_name: str):
     if value is None:
         return None
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise InvalidRequestError(f"'{key}' must be a {kind_name}, got {_json_type(value)}")
+        article = "an" if kind_name[0] in "aeiou" else "a"
+        raise InvalidRequestError(f"'{key}' must be {article} {kind_name}, got {_json_type(value)}")
     return value
 
 
