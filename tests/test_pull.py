@@ -15,17 +15,11 @@ os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 import huggingface_hub  # noqa: E402
 
 from conftest import DEFAULT_MODEL, free_port  # noqa: E402
-from hfhub import LoopbackHub, gguf_bytes, hub_env  # noqa: E402
+from hfhub import gguf_bytes, hub, hub_env  # noqa: E402,F401  (hub is a fixture)
 
 TINY = {"tiny-Q4_0.gguf": gguf_bytes(300_000, seed=11), "tiny-Q8_0.gguf": gguf_bytes(200_000, seed=12),
         "config.json": b'{"model_type": "tiny"}\n', "README.md": b"# tiny\n"}
 QWEN_REPO = "unsloth/Qwen3-0.6B-GGUF"
-
-
-@pytest.fixture
-def hub():
-    with LoopbackHub() as h:
-        yield h
 
 
 @pytest.fixture
