@@ -55,6 +55,17 @@ def handle_add_local_model(h, manager) -> None:
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=cache))
     try:
+        status, body = _store(h, manager, length, boundary, staging, cache)
+    finally:
+        if staging.exists():  # gone before we answer: a client may look at the cache at once
+            shutil.rmtree(staging, ignore_errors=True)
+    h.send_json(status, body)
+
+
+def _store(h, manager, length: int, boundary: str, staging: Path, cache: Path) -> tuple[int, dict]:
+    """Receive, check, move into place and register; the answer as (status, body). Raises only
+    TimeoutError (client stalled: 408 from the dispatcher) and ConnectionError (client gone)."""
+    try:
         fields, files = _receive(h, length, boundary, staging)
         info = _validate(fields, files, manager)
         target = cache / ("models--" + info.name[len(USER_PREFIX):].replace("/", "-"))
@@ -63,18 +74,12 @@ def handle_add_local_model(h, manager) -> None:
         staging.rename(target)
         _finish_registration(info, fields, files, target, cache)
     except LemonadeError as e:
-        h.send_json(e.status, simple_error_body(e.message))
-        return
+        return e.status, simple_error_body(e.message)
     except (TimeoutError, ConnectionError):
-        raise  # the client stalled (the dispatcher answers 408) or left
+        raise
     except OSError as e:
-        h.send_json(500, simple_error_body(f"Failed to upload model: {e}"))
-        return
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    h.send_json(200, {"message": f"Model {info.name} uploaded and registered successfully",
-                      "status": "success"})
+        return 500, simple_error_body(f"Failed to upload model: {e}")
+    return 200, {"message": f"Model {info.name} uploaded and registered successfully", "status": "success"}
 
 
 def _receive(h, length: int, boundary: str, staging: Path) -> tuple[dict[str, str], list[PurePosixPath]]:
