@@ -11,6 +11,7 @@ import http.client
 import json
 import re
 import socket
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -127,6 +128,19 @@ def server_process(server: ServerProc) -> psutil.Process:
 def resources(proc: psutil.Process) -> tuple[int, int]:
     """(threads, open fds) of the server process."""
     return proc.num_threads(), proc.num_fds()
+
+
+def settled_resources(proc: psutil.Process, timeout: float = 5.0) -> tuple[int, int]:
+    """(threads, fds) once the count stops moving (handlers of earlier connections may still be ending)."""
+    last = resources(proc)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = resources(proc)
+        if now == last:
+            return now
+        last = now
+    return last
 
 
 def wait_for_baseline(proc: psutil.Process, baseline: tuple[int, int], timeout: float = 20.0,

@@ -20,7 +20,7 @@ import time
 import pytest
 import requests
 
-from api_support import (CORS, DEFAULT_MODEL, HELLO, backend_port, raw_connection, read_response,
+from api_support import (settled_resources, CORS, DEFAULT_MODEL, HELLO, backend_port, raw_connection, read_response,
                          request_bytes, resources, running_server, server_process, wait_for,
                          wait_for_baseline)
 
@@ -221,7 +221,7 @@ def test_fuzz_malformed_requests(server):
         requests.get(server.api + "/health")
         requests.get(server.api + "/models?show_all=true")
         requests.get(server.api + "/system-info")
-    baseline = resources(proc)
+    baseline = settled_resources(proc)
     rng = random.Random(SEED)
     kinds: dict[str, int] = {}
     statuses: dict[int, int] = {}
@@ -302,7 +302,7 @@ def test_client_leaving_mid_stream_cancels_generation(server):
     requests.post(server.api + "/load", json={"model_name": DEFAULT_MODEL}, timeout=300)
     proc = server_process(server)
     port = backend_port(server)
-    baseline = resources(proc)
+    baseline = settled_resources(proc)
     for round_ in range(3):
         body = json.dumps({"model": DEFAULT_MODEL, "messages": HELLO, "max_tokens": 4000, "stream": True,
                            "ignore_eos": True}).encode()
