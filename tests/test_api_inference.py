@@ -122,16 +122,14 @@ def test_no_model_uses_loaded_one(server):
     assert reply.status_code == 200 and reply.json()["choices"]
 
 
-def test_enable_thinking_false_prepends_no_think(server):
-    """B prepends `/no_think\\n` to the last user message (§4.4): llama-server sees a longer prompt
-    (cached plus evaluated tokens)."""
-    def prompt_length(**fields) -> int:
-        timings = chat(server, max_tokens=1, **fields).json()["timings"]
-        return timings["cache_n"] + timings["prompt_n"]
-
-    plain, rewritten, untouched = prompt_length(), prompt_length(enable_thinking=False), \
-        prompt_length(enable_thinking=True)
-    assert rewritten > plain == untouched, (plain, rewritten, untouched)
+@pytest.mark.xfail(strict=True, reason=(
+    "resources/embedded_models.json gives the embedded model `--chat-template gemma` after `--jinja`; "
+    "llama-server then takes `gemma` as a literal Jinja template and every prompt renders as the word "
+    "'gemma' (3 tokens), whatever the messages say. Lead report."))
+def test_messages_reach_the_embedded_model(server):
+    short = chat(server, max_tokens=1, messages=[{"role": "user", "content": "Hi."}]).json()["timings"]
+    long = chat(server, max_tokens=1, messages=[{"role": "user", "content": "Hi. " * 40}]).json()["timings"]
+    assert long["cache_n"] + long["prompt_n"] > short["cache_n"] + short["prompt_n"] + 30
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -243,6 +241,18 @@ def test_embeddings_without_pooling_is_llama_servers_400(server):
 def test_stats_not_touched_by_embeddings(server):
     stats = requests.get(server.api + "/stats").json()
     assert stats["input_tokens"] == 0 and stats["output_tokens"] == 0  # fresh backend, only embeddings
+
+
+def test_enable_thinking_false_prepends_no_think(server):
+    """B prepends `/no_think\\n` to the last user message (§4.4): llama-server sees a longer prompt
+    (cached plus evaluated tokens). Run on the user model, which uses the GGUF's default template."""
+    def prompt_length(**fields) -> int:
+        timings = chat(server, model=EMBED, max_tokens=1, **fields).json()["timings"]
+        return timings["cache_n"] + timings["prompt_n"]
+
+    plain, rewritten, untouched = prompt_length(), prompt_length(enable_thinking=False), \
+        prompt_length(enable_thinking=True)
+    assert rewritten > plain == untouched, (plain, rewritten, untouched)
 
 
 def test_real_embeddings_with_pooling(tmp_path_factory, seeded_hub_cache, llama_server_bin):
