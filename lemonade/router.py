@@ -21,7 +21,7 @@ from lemonade.backends.llamacpp_server import LlamaCppOptions, LlamaCppServer
 from lemonade.error_types import (InvalidRequestError, ModelNotLoadedError, ProcessError,
                                   UnsupportedOperationError)
 from lemonade.model_manager import ModelInfo, ModelManager
-from lemonade.utils import http_client
+from lemonade.utils import http_client, path_utils
 from lemonade.wrapped_server import WrappedServer
 
 log = logging.getLogger(__name__)
@@ -170,8 +170,9 @@ class Router:
         gguf = self.models.resolved_path(info)
         if gguf is None:
             raise ProcessError(f"GGUF file not found for checkpoint: {info.checkpoint}")
+        template = path_utils.resource_path(info.chat_template) if info.chat_template else None
         return LlamaCppServer(info.name, info.checkpoint, info.recipe, gguf, info.labels,
-                              self.models.mmproj_path(info), self.llamacpp, info.llamacpp_args)
+                              self.models.mmproj_path(info), self.llamacpp, template)
 
     # -- unload and shutdown -----------------------------------------------------------------------
 

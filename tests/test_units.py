@@ -68,9 +68,9 @@ def test_argv_embeddings_reranking_mmproj_metal_custom():
                     "-ngl", "99", "--threads", "2", "-c", "100"]
 
 
-def test_model_args_come_before_user_args():
-    argv = build_argv("x", "m", 1, LlamaCppOptions(custom_args="--threads 1"), [], model_args="--chat-template gemma")
-    assert argv[-4:] == ["--chat-template", "gemma", "--threads", "1"]
+def test_chat_template_comes_before_user_args():
+    argv = build_argv("x", "m", 1, LlamaCppOptions(custom_args="--threads 1"), [], chat_template="/t.jinja")
+    assert argv[-4:] == ["--chat-template-file", "/t.jinja", "--threads", "1"]
 
 
 def test_custom_args_conflict_message():

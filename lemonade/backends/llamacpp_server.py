@@ -124,10 +124,11 @@ def split_custom_args(text: str) -> list[str]:
 
 
 def build_argv(binary: str, gguf: str, port: int, options: LlamaCppOptions, labels: list[str],
-               mmproj: str | None = None, model_args: str = "") -> list[str]:
+               mmproj: str | None = None, chat_template: str | None = None) -> list[str]:
     """The exact C++ B command line (§8.6). Raises InvalidRequestError on a custom arg that
-    overrides a managed flag (§8.7 message). `model_args` come from our embedded registry (e.g. the
-    chat template a GGUF lacks) and go before the user's `--llamacpp-args`, which can override them."""
+    overrides a managed flag (§8.7 message). `chat_template` (ours) is a Jinja file for a GGUF that
+    carries none; it goes before the user's `--llamacpp-args`, which can still override it. (A
+    built-in template name would not do: after `--jinja`, `--chat-template NAME` is read as Jinja.)"""
     embeddings = "embeddings" in labels
     ctx = max(options.ctx_size, EMBEDDINGS_MIN_CTX) if embeddings else options.ctx_size
     argv = [binary, "-m", gguf, "--ctx-size", str(ctx), "--port", str(port), "--jinja"]
@@ -148,16 +149,17 @@ def build_argv(binary: str, gguf: str, port: int, options: LlamaCppOptions, labe
                 "Invalid custom llama-server arguments:\n"
                 f"Argument '{token.split('=', 1)[0]}' is managed by Lemonade and cannot be overridden.\n"
                 f"Reserved arguments: {', '.join(reserved)}")
-    return argv + split_custom_args(model_args) + custom
+    template = ["--chat-template-file", chat_template] if chat_template else []
+    return argv + template + custom
 
 
 class LlamaCppServer(WrappedServer):
     server_name = "llama-server"
 
     def __init__(self, model_name: str, checkpoint: str, recipe: str, gguf: Path, labels: list[str],
-                 mmproj: Path | None, options: LlamaCppOptions, model_args: str = ""):
+                 mmproj: Path | None, options: LlamaCppOptions, chat_template: Path | None = None):
         super().__init__(model_name, checkpoint, recipe)
-        self.model_args = model_args
+        self.chat_template = chat_template
         self.gguf = gguf
         self.labels = labels
         self.mmproj = mmproj
@@ -172,7 +174,8 @@ class LlamaCppServer(WrappedServer):
     def build_argv(self, port: int) -> list[str]:
         assert self.binary is not None
         return build_argv(str(self.binary), str(self.gguf), port, self.options, self.labels,
-                          str(self.mmproj) if self.mmproj else None, self.model_args)
+                          str(self.mmproj) if self.mmproj else None,
+                          str(self.chat_template) if self.chat_template else None)
 
     def child_env(self) -> dict[str, str] | None:
         if self.options.backend != "rocm" or self.binary is None:

