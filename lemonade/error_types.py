@@ -51,6 +51,23 @@ class RequestTooLargeError(InvalidRequestError):
     status = 413
 
 
+class RequestTimeoutError(InvalidRequestError):
+    """The client did not send its request within the socket timeout."""
+
+    status = 408
+
+
+class LengthRequiredError(InvalidRequestError):
+    status = 411
+
+
+class ConflictError(LemonadeError):
+    """A name that is already taken (add-local-model)."""
+
+    error_type = "invalid_request"
+    status = 409
+
+
 class UnsupportedOperationError(LemonadeError):
     error_type = "unsupported_operation"
     status = 422

@@ -87,7 +87,8 @@ def _serve(config, on_ready, persistent: bool) -> int:
     from lemonade.model_manager import ModelManager
     from lemonade.router import Router
     from lemonade.server.handlers import Api
-    from lemonade.server.httpd import LemonadeHTTPServer, serve_forever_in_thread
+    from lemonade.server.httpd import CLIENT_IDLE_TIMEOUT, LemonadeHTTPServer, serve_forever_in_thread
+    from lemonade.utils import path_utils
 
     _attach_log_file()
     models = ModelManager()
@@ -107,7 +108,8 @@ def _serve(config, on_ready, persistent: bool) -> int:
     api = Api(router, models, config, on_shutdown=stop.set)
     bind_host = "127.0.0.1" if config.host == "localhost" else config.host
     try:
-        httpd = LemonadeHTTPServer((bind_host, config.port), api)
+        httpd = LemonadeHTTPServer((bind_host, config.port), api,
+                                   client_timeout=path_utils.client_timeout(CLIENT_IDLE_TIMEOUT))
     except OSError as e:
         # C++ ignores listen()'s result and exits 0 on a busy port (cli.md §2); we say so and fail.
         return _fail(f"Error: cannot listen on {config.host}:{config.port}: {e.strerror or e}", persistent)

@@ -15,7 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from lemonade import error_types
-from lemonade.error_types import InvalidRequestError, LemonadeError, RequestTooLargeError
+from lemonade.error_types import (InvalidRequestError, LemonadeError, RequestTimeoutError,
+                                  RequestTooLargeError)
 from lemonade.utils.json_utils import dumps
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,6 @@ def match_route(method: str, path: str) -> tuple[str | None, dict]:
 
 class ClientDisconnected(Exception):
     """The client went away while we were writing to it."""
-
-
-class RequestTimeoutError(InvalidRequestError):
-    """The client did not send its request within the socket timeout."""
-
-    status = 408
 
 
 class ResponseComplete(Exception):

@@ -10,8 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from lemonade.error_types import (InvalidRequestError, LemonadeError, RegistryError, RequestTooLargeError,
-                                  simple_error_body)
+from lemonade.error_types import (ConflictError, InvalidRequestError, LemonadeError, LengthRequiredError,
+                                  RegistryError, RequestTooLargeError, simple_error_body)
 from lemonade.model_manager import USER_PREFIX
 from lemonade.model_manager.registry import ModelInfo, save_user_model
 from lemonade.server import multipart
@@ -22,14 +22,6 @@ log = logging.getLogger(__name__)
 MAX_UPLOAD_BYTES = 256 * 1024**3  # larger uploads get 413 before a byte of the body is read
 RECIPES = ("llamacpp", "oga-npu", "oga-hybrid", "oga-cpu")
 _TRUE = ("true", "True", "1")
-
-
-class Conflict(LemonadeError):
-    status = 409
-
-
-class LengthRequired(InvalidRequestError):
-    status = 411
 
 
 def _stored_name(filename: str) -> PurePosixPath:
@@ -47,7 +39,7 @@ def handle_add_local_model(h, manager) -> None:
     if boundary is None:
         raise RegistryError("Request must be multipart/form-data")
     if "chunked" in h.headers.get("Transfer-Encoding", "").lower():
-        raise LengthRequired("Uploads need a Content-Length")
+        raise LengthRequiredError("Uploads need a Content-Length")
     length = h.content_length()
     if length > MAX_UPLOAD_BYTES:
         raise RequestTooLargeError(f"Upload of {length} bytes exceeds the limit of {MAX_UPLOAD_BYTES}")
@@ -120,7 +112,7 @@ def _validate(fields: dict[str, str], files: list[PurePosixPath], manager) -> Mo
     if recipe == "llamacpp" and not any(".gguf" in str(f).lower() for f in files):
         raise RegistryError("At least one .gguf file is required for llamacpp")
     if name in manager.supported_models():
-        raise Conflict(f"Model name '{name}' already exists. Please use a different name.")
+        raise ConflictError(f"Model name '{name}' already exists. Please use a different name.")
     labels = ["custom"] + (["reasoning"] if fields.get("reasoning") in _TRUE else []) \
         + (["vision"] if fields.get("vision") in _TRUE else [])
     return ModelInfo(name=name, checkpoint=fields.get("checkpoint", ""), recipe=recipe, labels=labels,

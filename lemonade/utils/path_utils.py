@@ -21,6 +21,7 @@ ENV_LLAMA_SERVER = "LEMONADE_LLAMA_SERVER"  # explicit llama-server override (ou
 ENV_FLM = "LEMONADE_FLM"  # explicit flm override (ours)
 ENV_FLM_READY_TIMEOUT = "LEMONADE_FLM_READY_TIMEOUT"  # seconds (ours: tests shorten the deadline)
 ENV_BACKEND_TIMEOUT = "LEMONADE_BACKEND_TIMEOUT"  # seconds a backend may take to answer (ours)
+ENV_CLIENT_TIMEOUT = "LEMONADE_CLIENT_TIMEOUT"  # seconds a client socket may stay silent (ours)
 ENV_LLAMACPP_DOWNLOAD_BASE = "LEMONADE_LLAMACPP_DOWNLOAD_BASE"  # release mirror (ours; C++: github.com)
 DEFAULT_LLAMACPP_DOWNLOAD_BASE = "https://github.com"
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
@@ -145,13 +146,22 @@ def flm_ready_timeout_setting() -> str | None:
     return os.environ.get(ENV_FLM_READY_TIMEOUT) or None
 
 
-def backend_timeout(default: float) -> float:
-    """`$LEMONADE_BACKEND_TIMEOUT` seconds if it is a positive number, else `default` (C++: 300 s)."""
+def _seconds(name: str, default: float) -> float:
     try:
-        value = float(os.environ.get(ENV_BACKEND_TIMEOUT, ""))
+        value = float(os.environ.get(name, ""))
     except ValueError:
         return default
     return value if value > 0 else default
+
+
+def backend_timeout(default: float) -> float:
+    """`$LEMONADE_BACKEND_TIMEOUT` seconds if it is a positive number, else `default` (C++: 300 s)."""
+    return _seconds(ENV_BACKEND_TIMEOUT, default)
+
+
+def client_timeout(default: float) -> float:
+    """`$LEMONADE_CLIENT_TIMEOUT` seconds if it is a positive number, else `default`."""
+    return _seconds(ENV_CLIENT_TIMEOUT, default)
 
 
 def llamacpp_download_base() -> str:
