@@ -48,10 +48,16 @@ def run(router: c.harness.Router, streams: int, tokens: int) -> dict:
     one_stream(backend, c.chat_path(True), body)  # warm-up
     one_stream(router.port, c.chat_path(False), body)
     out = {"direct": [], "through": []}
+    failed = {"direct": [], "through": []}
     for i in range(streams):
         order = (("direct", backend, True), ("through", router.port, False))
         for name, port, direct in (order if i % 2 else order[::-1]):
-            out[name].append(one_stream(port, c.chat_path(direct), body))
+            for _ in range(3):  # a failure is counted and reported, then the stream is sent again
+                try:
+                    out[name].append(one_stream(port, c.chat_path(direct), body))
+                    break
+                except (RuntimeError, OSError) as e:
+                    failed[name].append(repr(e)[:200])
     summary = {}
     for name, runs in out.items():
         gaps = [b - a for r in runs for a, b in zip(r["frames"], r["frames"][1:])]
@@ -62,6 +68,7 @@ def run(router: c.harness.Router, streams: int, tokens: int) -> dict:
             "gap_p50": c.median(gaps), "gap_p95": c.pct(gaps, 0.95), "gap_max": max(gaps),
             "frames_per_read_max": max(reads), "reads_with_2plus": sum(n > 1 for n in reads) / len(reads),
             "last_frame_p50": c.median([r["frames"][-1] for r in runs]),
+            "failed": failed[name],
         }
     return summary
 
@@ -102,6 +109,8 @@ def main() -> None:
         c.Row("last frame p50 (through vs direct)", ms(t["last_frame_p50"]), ms(d["last_frame_p50"]) + " direct",
               f"{t['last_frame_p50'] / d['last_frame_p50']:.3f}"),
     ]
+    rows.append(c.Row("streams that failed (through vs direct)", str(len(t["failed"])),
+                      f"{len(d['failed'])} direct", "", "0", "yes" if not t["failed"] else "no"))
     if ref:
         rows.append(c.Row("C++: stream TTFB p50 / gap p50 through", "", f"{ms(ref['through']['ttfb_p50'])} / "
                           f"{ms(ref['through']['gap_p50'])}"))

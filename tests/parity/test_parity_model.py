@@ -7,6 +7,7 @@ file order, so the model is auto-loaded by the first chat and unloaded by the la
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import requests
@@ -17,6 +18,7 @@ openai = pytest.importorskip("openai")
 
 pytestmark = pytest.mark.timeout(int(LOAD_TIMEOUT) + 300)
 
+BACKEND_KEEPALIVE = 5  # seconds: cpp-httplib's default keep-alive timeout in llama-server
 MESSAGES = [{"role": "user", "content": "What is a lemon?"}]
 
 
@@ -81,6 +83,20 @@ def test_completions_non_streaming(loaded_router):
     r = requests.post(loaded_router.api + "/completions", timeout=LOAD_TIMEOUT,
                       json={"model": MODEL, "prompt": "A lemon is", "max_tokens": 4})
     assert r.status_code == 200 and r.json()["choices"]
+
+
+def test_requests_after_backend_keepalive_expired(loaded_router):
+    """llama-server (cpp-httplib) drops an idle keep-alive connection after 5 s. A request that arrives
+    later must not fail on the dead pooled connection: libcurl in C++ B retries on a fresh one."""
+    failures = []
+    for _ in range(3):
+        time.sleep(BACKEND_KEEPALIVE + 1)  # the condition under test is idle time itself
+        for stream in (False, True, False):
+            r = requests.post(loaded_router.api + "/chat/completions", timeout=LOAD_TIMEOUT, json={
+                "model": MODEL, "messages": MESSAGES, "max_tokens": 2, "stream": stream})
+            if r.status_code != 200:
+                failures.append((stream, r.status_code, r.text[:200]))
+    assert not failures
 
 
 def test_load_already_loaded(loaded_router):
