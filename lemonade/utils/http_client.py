@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ReadTimeoutError
+from urllib3.util.retry import Retry
 
 from lemonade.error_types import NetworkError
 from lemonade.utils import path_utils
@@ -22,6 +24,21 @@ POOL_SIZE = 64  # concurrent streams per backend; requests' default of 10 would 
 BACKEND_TIMEOUT = 300.0  # C++ total timeout for non-streaming backend calls (§3.4)
 CONNECT_TIMEOUT = 10.0
 STREAM_IDLE_TIMEOUT = 600.0  # a stream silent this long is dead; there is no total limit
+
+class _RetryOnDroppedConnection(Retry):
+    """One retry on a fresh connection when a pooled keep-alive connection turns out to be closed.
+
+    llama-server (cpp-httplib) closes a connection after a few requests or 5 s idle, after a stream
+    sometimes without `Connection: close`; a request sent on it at that moment fails before the server
+    has read it, so sending it again is safe (libcurl in C++ B does the same). A read timeout is never
+    retried: the backend did receive that request.
+    """
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+        if isinstance(error, ReadTimeoutError):
+            raise error
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
 
 _sessions: dict[str, requests.Session] = {}
 _sessions_lock = threading.Lock()  # guards _sessions
@@ -44,7 +61,9 @@ def session_for(url: str) -> requests.Session:
         session = _sessions.get(origin)
         if session is None:
             session = requests.Session()
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE)
+            retry = _RetryOnDroppedConnection(total=1, connect=1, read=1, status=0, other=0, redirect=0,
+                                              allowed_methods=None, raise_on_status=False)
+            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=retry)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             session.headers["User-Agent"] = USER_AGENT
