@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass, field
 
 from lemonade import __version__
 
@@ -38,17 +37,30 @@ DELETE_USAGE = "delete <model_name>"
 RUN_USAGE = "run <model_name>"
 
 
-@dataclass
-class ServerConfig:
+class _Record:
+    """Equality and repr by attributes. (Not a dataclass: importing `dataclasses` pulls in inspect and
+    ast, about 13 ms of the `--version` start-up budget.)"""
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and vars(other) == vars(self)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+class ServerConfig(_Record):
     """Server-wide settings of one server (C++ router flags)."""
 
-    port: int = DEFAULT_PORT
-    host: str = DEFAULT_HOST
-    log_level: str = "info"
-    llamacpp: str = "vulkan"
-    ctx_size: int = DEFAULT_CTX_SIZE
-    llamacpp_args: str = ""
-    llama_server: str | None = None  # explicit llama-server binary (ours; `lemonade --llama-server`)
+    def __init__(self, port: int = DEFAULT_PORT, host: str = DEFAULT_HOST, log_level: str = "info",
+                 llamacpp: str = "vulkan", ctx_size: int = DEFAULT_CTX_SIZE, llamacpp_args: str = "",
+                 llama_server: str | None = None):
+        self.port = port
+        self.host = host
+        self.log_level = log_level
+        self.llamacpp = llamacpp
+        self.ctx_size = ctx_size
+        self.llamacpp_args = llamacpp_args
+        self.llama_server = llama_server  # explicit llama-server binary (ours; `lemonade --llama-server`)
 
 
 def configure_logging(level: str) -> None:
@@ -109,11 +121,11 @@ class UsageError(Exception):
         self.code = code
 
 
-@dataclass
-class RouterArgs:
-    config: ServerConfig
-    show_help: bool = False
-    show_version: bool = False
+class RouterArgs(_Record):
+    def __init__(self, config: ServerConfig, show_help: bool = False, show_version: bool = False):
+        self.config = config
+        self.show_help = show_help
+        self.show_version = show_version
 
 
 def parse_router_args(argv: list[str]) -> RouterArgs:
@@ -205,15 +217,16 @@ def main_router() -> None:
 # == lemonade-server / lemonade (tray_app.cpp) ==================================================
 
 
-@dataclass
-class ClientArgs:
+class ClientArgs(_Record):
     """The tray app's parse result (tray_app.cpp parse_arguments)."""
 
-    command: str = ""
-    positionals: list[str] = field(default_factory=list)
-    config: ServerConfig = field(default_factory=ServerConfig)
-    show_help: bool = False
-    show_version: bool = False
+    def __init__(self, command: str = "", positionals: list[str] | None = None,
+                 config: ServerConfig | None = None, show_help: bool = False, show_version: bool = False):
+        self.command = command
+        self.positionals = positionals if positionals is not None else []
+        self.config = config if config is not None else ServerConfig()
+        self.show_help = show_help
+        self.show_version = show_version
 
 
 def stoi(text: str) -> int | None:

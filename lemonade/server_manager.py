@@ -5,18 +5,14 @@ Process model: `serve` and `run` serve HTTP in this process (C++ forks and execs
 `list`, `pull` and `delete` with no server running do the work in this process (C++ spawns a throw-away
 router). Either way nothing is left running when the command ends, and there is no child to orphan.
 A running server is found as C++ B finds it on Linux: the PID file (`single_instance.find_server`).
-Requests use `urllib` from the standard library, so `status` and `stop` start fast (no `requests`).
+Requests use `urllib` from the standard library, imported only when a request is sent, so `status`
+and `stop` start fast.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 from lemonade import single_instance
@@ -54,6 +50,9 @@ def request(host: str, port: int, method: str, path: str, body: dict | None = No
 
     An SSE answer (our `/pull` with `"stream": true`) is handed event by event to
     `on_event(name, data)`; the last non-None value it returns is the result."""
+    import json
+    import urllib.error
+    import urllib.request
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(_url(host, port, path), data=data, method=method,
                                  headers={"Content-Type": "application/json"} if data else {})
@@ -70,6 +69,8 @@ def request(host: str, port: int, method: str, path: str, body: dict | None = No
 
 
 def _read_events(response, on_event) -> Any:
+    import json
+
     event, result = "message", None
     for raw in response:
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
@@ -85,6 +86,8 @@ def _read_events(response, on_event) -> Any:
 
 def _error_message(status: int, raw: bytes) -> str:
     """C++ rule: the `error` string, else `detail`, else a status line (+ short body)."""
+    import json
+
     try:
         parsed = json.loads(raw)
     except ValueError:
@@ -135,6 +138,8 @@ def stop() -> int:
     if children:
         print(f"Found {len(children)} child process(es) of router")
     print(f"Sending SIGTERM to router (PID: {info.pid})...", flush=True)
+    import signal
+
     try:
         os.kill(info.pid, signal.SIGTERM)
     except OSError:
@@ -315,7 +320,7 @@ def _progress_printer():
         rate = p.total_done / max(now - started, 1e-6)
         eta = (p.total_bytes - p.total_done) / rate if rate > 0 else 0
         if tty:
-            width = max(10, min(40, shutil.get_terminal_size().columns - 70))
+            width = max(10, min(40, os.get_terminal_size().columns - 70 if os.isatty(1) else 80))
             filled = int(width * p.percent / 100)
             sys.stdout.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {p.percent:5.1f}% "
                              f"{p.file_index}/{p.file_count} {p.file[-24:]} "

@@ -7,7 +7,6 @@ see changes. The HF variables follow `huggingface_hub`'s `constants.py`, because
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -114,6 +113,8 @@ def static_dir() -> Path:
 
 def executable_dir() -> Path:
     """Directory of the running entry point (C++: dir of /proc/self/exe), used for install layouts."""
+    import shutil  # lazily: only install-dir lookups need it, not CLI start-up
+
     argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
     found = shutil.which(argv0) if argv0 and os.sep not in argv0 else argv0
     return Path(found).resolve().parent if found else Path(sys.executable).resolve().parent
