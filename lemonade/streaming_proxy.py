@@ -11,8 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import requests
-
+from lemonade.error_types import NetworkError
 from lemonade.utils import http_client
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,7 @@ class ClientGone(Exception):
     """The client closed its connection; the relay stops and closes the upstream."""
 
 
-def relay(response: requests.Response, write: Callable[[bytes], None]) -> RelayResult:
+def relay(response: http_client.BackendResponse, write: Callable[[bytes], None]) -> RelayResult:
     """Copy the open backend `response` to `write` until either side ends. Blocks for the stream.
 
     `write` sends one chunk to the client (already framed by the caller) and raises ClientGone when
@@ -52,7 +51,7 @@ def relay(response: requests.Response, write: Callable[[bytes], None]) -> RelayR
                 tail = (tail + chunk)[-TAIL_BYTES:]
                 if not saw_done and _DONE in tail[-(len(chunk) + len(_DONE)):]:
                     saw_done = True
-        except (requests.RequestException, OSError) as e:
+        except (NetworkError, OSError) as e:
             # A backend that drops mid-stream ends the stream normally (C++ treats curl's
             # partial-file/recv errors as success).
             log.warning("Backend stream ended early: %s", e)
