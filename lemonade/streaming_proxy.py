@@ -6,6 +6,7 @@ kept to read the last frame's `usage`/`timings` for telemetry. If the backend en
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 DONE_FRAME = b"data: [DONE]\n\n"
 TAIL_BYTES = 16384  # enough for the final frames, which carry usage/timings
+TAIL_CHUNKS = 32  # llama-server sends one frame per chunk; the stats frame is among the last few
 _DONE = b"[DONE]"
 _FRAME_PREFIXES = (b"data: ", b"ChatCompletionChunk: ")  # the second is an FLM debug format
 
@@ -40,7 +42,8 @@ def relay(response: http_client.BackendResponse, write: Callable[[bytes], None])
     the client has disconnected. The upstream response is always closed, which makes llama-server
     stop generating for a client that left.
     """
-    tail = b""
+    recent: collections.deque = collections.deque(maxlen=TAIL_CHUNKS)  # no copying per chunk
+    seam = b""  # the end of the previous chunk, for a marker split across two chunks
     saw_done = False
     try:
         try:
@@ -48,9 +51,10 @@ def relay(response: http_client.BackendResponse, write: Callable[[bytes], None])
                 if not chunk:
                     continue
                 write(chunk)
-                tail = (tail + chunk)[-TAIL_BYTES:]
-                if not saw_done and _DONE in tail[-(len(chunk) + len(_DONE)):]:
-                    saw_done = True
+                recent.append(chunk)
+                if not saw_done:
+                    saw_done = _DONE in chunk or _DONE in seam + chunk[:len(_DONE)]
+                    seam = chunk[-len(_DONE):]
         except (NetworkError, OSError) as e:
             # A backend that drops mid-stream ends the stream normally (C++ treats curl's
             # partial-file/recv errors as success).
@@ -63,7 +67,7 @@ def relay(response: http_client.BackendResponse, write: Callable[[bytes], None])
         return RelayResult(False, saw_done, None)
     finally:
         response.close()
-    return RelayResult(True, saw_done, last_stats_frame(tail))
+    return RelayResult(True, saw_done, last_stats_frame(b"".join(recent)[-TAIL_BYTES:]))
 
 
 def last_stats_frame(tail: bytes) -> dict[str, Any] | None:

@@ -146,3 +146,46 @@ def test_user_registry_roundtrip(monkeypatch, tmp_path):
                                "labels": ["custom"]}}
     assert registry.load_user()["user.Tiny"].checkpoint == "org/tiny-GGUF:Q4_0"
     assert registry.remove_user_model("user.Tiny") and registry.load_user() == {}
+
+
+class _Chunks:
+    """The two methods of a backend response the relay uses, over a fixed list of chunks."""
+
+    def __init__(self, chunks):
+        self.chunks, self.closed = chunks, False
+
+    def iter_chunks(self):
+        return iter(self.chunks)
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("chunks,appended", [
+    ([b'data: {"a":1}\n\n', b"data: [DONE]\n\n"], False),
+    ([b'data: {"a":1}\n\ndata: [DO', b"NE]\n\n"], False),  # marker split across chunks
+    ([b'data: {"a":1}\n\n'], True),  # backend ended without the marker: C++ appends it
+])
+def test_relay_passes_bytes_through_and_ends_with_done(chunks, appended):
+    from lemonade import streaming_proxy
+
+    written = []
+    response = _Chunks(chunks)
+    result = streaming_proxy.relay(response, written.append)
+    assert written == chunks + ([streaming_proxy.DONE_FRAME] if appended else [])
+    assert result.completed and response.closed
+
+
+def test_relay_keeps_the_last_stats_frame_and_stops_for_a_departed_client():
+    from lemonade import streaming_proxy
+
+    frames = [b'data: {"choices":[]}\n\n', b'data: {"timings":{"predicted_n":7}}\n\n', b"data: [DONE]\n\n"]
+    result = streaming_proxy.relay(_Chunks(frames), lambda chunk: None)
+    assert result.last_stats_frame == {"timings": {"predicted_n": 7}}
+
+    def gone(chunk):
+        raise streaming_proxy.ClientGone()
+
+    response = _Chunks(frames)
+    result = streaming_proxy.relay(response, gone)
+    assert not result.completed and response.closed
