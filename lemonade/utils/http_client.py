@@ -177,33 +177,45 @@ class BackendResponse:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if self._response.isclosed() and not self._response.will_close:
-            self._pool.release(conn)
-        else:
+        reusable = self._response.isclosed() and not self._response.will_close
+        if not reusable:
             self._response.close()
-            conn.close()
+        self._pool.release(conn, reusable)
 
 
 class _ConnectionPool:
-    """Idle keep-alive connections to one backend; at most POOL_SIZE are kept."""
+    """Keep-alive connections to one backend, kept only while the backend is otherwise idle.
+
+    llama-server (cpp-httplib) gives each open connection one of its few HTTP worker threads until it
+    closes or sits idle for 5 s. An idle connection parked in a pool therefore holds a worker that a
+    queued request needs: with 32 streams at once that cost about 8 % of throughput
+    (bench/concurrency.py). So a finished request keeps its connection only when no other request to
+    that backend is in flight (the next sequential request reuses it: that is the latency win), and at
+    most one is kept.
+    """
 
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
-        self._idle: list[http.client.HTTPConnection] = []
-        self._lock = threading.Lock()  # guards _idle
+        self._idle: http.client.HTTPConnection | None = None
+        self._in_flight = 0
+        self._lock = threading.Lock()  # guards _idle and _in_flight
 
     def acquire(self) -> tuple[http.client.HTTPConnection, bool]:
         with self._lock:
-            if self._idle:
-                return self._idle.pop(), True
+            self._in_flight += 1
+            conn, self._idle = self._idle, None
+        if conn is not None:
+            return conn, True
         return http.client.HTTPConnection(self.host, self.port, timeout=CONNECT_TIMEOUT), False
 
-    def release(self, conn: http.client.HTTPConnection) -> None:
+    def release(self, conn: http.client.HTTPConnection, reusable: bool = True) -> None:
+        """Hand back a connection whose request is over; it is closed unless it can be kept."""
         with self._lock:
-            if len(self._idle) < POOL_SIZE:
-                self._idle.append(conn)
-                return
-        conn.close()
+            self._in_flight -= 1
+            if reusable and self._in_flight == 0 and self._idle is None:
+                self._idle, conn = conn, None
+        if conn is not None:
+            conn.close()
 
 
 _pools: dict[tuple[str, int], _ConnectionPool] = {}
@@ -239,15 +251,15 @@ def _backend_post(url: str, body: bytes, timeout: float) -> BackendResponse:
             conn.request("POST", path, body=body, headers=headers)
             return BackendResponse(pool, conn, conn.getresponse())
         except socket.timeout as e:
-            conn.close()
+            pool.release(conn, reusable=False)
             raise BackendTimeout(f"no answer within {timeout:g} s") from e
         except _DROPPED as e:
-            conn.close()
+            pool.release(conn, reusable=False)
             if reused:
-                continue  # only pooled connections are retried, so this loop ends
+                continue  # only a kept connection is retried, so this loop ends
             raise NetworkError(str(e) or type(e).__name__) from e
         except (OSError, http.client.HTTPException) as e:
-            conn.close()
+            pool.release(conn, reusable=False)
             raise NetworkError(str(e) or type(e).__name__) from e
 
 
