@@ -127,7 +127,9 @@ def post_stream(url: str, body: bytes, read_timeout: float = STREAM_IDLE_TIMEOUT
     No total timeout: a long generation is not cut (C++ cut at 300 s; spec http-api §5 recommends not
     to). `read_timeout` bounds the silence between two chunks, so a hung backend frees the thread.
     """
-    return _backend_post(url, body, read_timeout)
+    # A connection is not kept after a stream: llama-server often closes it right after the last chunk
+    # without saying so, and the next request would pay a failed attempt before its retry.
+    return _backend_post(url, body, read_timeout, keep_alive=False)
 
 
 def iter_chunks(response: "BackendResponse") -> Iterator[bytes]:
@@ -141,8 +143,9 @@ class BackendResponse:
     connection to its pool and drops any other."""
 
     def __init__(self, pool: "_ConnectionPool", conn: http.client.HTTPConnection,
-                 response: http.client.HTTPResponse):
+                 response: http.client.HTTPResponse, keep_alive: bool = True):
         self._pool, self._conn, self._response = pool, conn, response
+        self._keep_alive = keep_alive
         self.status_code = response.status
         self.headers = response.headers
 
@@ -177,7 +180,7 @@ class BackendResponse:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        reusable = self._response.isclosed() and not self._response.will_close
+        reusable = self._keep_alive and self._response.isclosed() and not self._response.will_close
         if not reusable:
             self._response.close()
         self._pool.release(conn, reusable)
@@ -234,7 +237,7 @@ def _pool_for(url: str) -> tuple[_ConnectionPool, str]:
     return pool, parts.path + (f"?{parts.query}" if parts.query else "")
 
 
-def _backend_post(url: str, body: bytes, timeout: float) -> BackendResponse:
+def _backend_post(url: str, body: bytes, timeout: float, keep_alive: bool = True) -> BackendResponse:
     """Send one POST. A pooled connection that the backend has closed meanwhile (llama-server drops
     keep-alive connections after 5 s idle or a few requests, after a stream sometimes without
     `Connection: close`) fails before the request was read, so it is sent once more on a fresh
@@ -249,7 +252,7 @@ def _backend_post(url: str, body: bytes, timeout: float) -> BackendResponse:
                 conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.sock.settimeout(timeout)
             conn.request("POST", path, body=body, headers=headers)
-            return BackendResponse(pool, conn, conn.getresponse())
+            return BackendResponse(pool, conn, conn.getresponse(), keep_alive)
         except socket.timeout as e:
             pool.release(conn, reusable=False)
             raise BackendTimeout(f"no answer within {timeout:g} s") from e
