@@ -189,3 +189,40 @@ def test_relay_keeps_the_last_stats_frame_and_stops_for_a_departed_client():
     response = _Chunks(frames)
     result = streaming_proxy.relay(response, gone)
     assert not result.completed and response.closed
+
+
+def test_backend_client_keeps_a_non_json_error_body():
+    """A backend's non-JSON error text survives both the JSON call and the stream opener."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from lemonade.utils import http_client
+
+    class Plain(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b"model is busy"
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Plain)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
+    try:
+        reply = http_client.post_json(url, b"{}")
+        assert (reply.status, reply.body) == (503, "model is busy")
+        response = http_client.post_stream(url, b"{}")
+        try:
+            assert (response.status_code, response.json_or_text()) == (503, "model is busy")
+        finally:
+            response.close()
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -14,7 +14,7 @@ from typing import Any
 
 from lemonade import streaming_proxy
 from lemonade.error_types import (InvalidRequestError, LemonadeError, ModelNotFoundError,
-                                  ModelNotLoadedError, simple_error_body)
+                                  ModelNotLoadedError, error_body, simple_error_body)
 from lemonade.server.httpd import ClientDisconnected
 from lemonade.utils.json_utils import dumps
 
@@ -185,9 +185,7 @@ class Api:
             status, answer = check(reply.body) if check else (200, reply.body)
             h.send_json(status, answer)
         else:  # C++ wraps it and answers 200; we keep the wrapper and the backend's status
-            h.send_json(reply.status, {"error": {
-                "details": {"response": reply.body, "status_code": reply.status},
-                "message": f"{backend.server_name} request failed", "type": "backend_error"}})
+            h.send_json(reply.status, backend_error_body(backend.server_name, reply.status, reply.body))
 
     def _relay(self, h, backend, endpoint: str, raw: bytes | None, body: dict) -> None:
         """Stream the backend's SSE answer. `raw` is the client's body when nothing rewrote it: C++
@@ -198,14 +196,11 @@ class Api:
         if response.status_code != 200:
             # Answer with the backend's status and body instead of a broken 200 stream (C++ §5).
             try:
-                detail: Any = response.json()
-            except ValueError:
-                detail = response.text
+                detail = response.json_or_text()
             finally:
                 response.close()
-            h.send_json(response.status_code, {"error": {
-                "details": {"response": detail, "status_code": response.status_code},
-                "message": f"{backend.server_name} request failed", "type": "backend_error"}})
+            h.send_json(response.status_code,
+                        backend_error_body(backend.server_name, response.status_code, detail))
             return
         h.start_sse()
         result = streaming_proxy.relay(response, _chunk_writer(h))
@@ -354,6 +349,12 @@ class Api:
         from lemonade.server import webui
 
         webui.serve_static(h, path)
+
+
+def backend_error_body(server_name: str, status: int, response: Any) -> dict[str, Any]:
+    """C++ B's wrapper of a backend's non-200 answer (§4.4): `<server> request failed`."""
+    return error_body(f"{server_name} request failed", "backend_error",
+                      {"response": response, "status_code": status})
 
 
 def _check_completion(body) -> tuple[int, Any]:

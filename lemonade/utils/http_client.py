@@ -96,14 +96,9 @@ def post_json(url: str, body: bytes, timeout: float | None = None) -> JsonReply:
         timeout = path_utils.backend_timeout(BACKEND_TIMEOUT)
     response = _backend_post(url, body, timeout)
     try:
-        raw = response.read()
+        return JsonReply(response.status_code, response.json_or_text())
     finally:
         response.close()
-    try:
-        parsed: Any = json.loads(raw)
-    except ValueError:
-        parsed = raw.decode("utf-8", "replace")
-    return JsonReply(response.status_code, parsed)
 
 
 def get_json(url: str, timeout: float = BACKEND_TIMEOUT) -> JsonReply:
@@ -171,6 +166,14 @@ class BackendResponse:
 
     def json(self) -> Any:
         return json.loads(self.read())
+
+    def json_or_text(self) -> Any:
+        """The body parsed as JSON, or as text when it is not JSON (read once)."""
+        raw = self.read()
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw.decode("utf-8", "replace")
 
     @property
     def text(self) -> str:
