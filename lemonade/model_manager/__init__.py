@@ -161,7 +161,7 @@ class ModelManager:
 
 
 def _first_gguf(directory: Path) -> Path | None:
-    files = sorted(p for p in directory.rglob("*.gguf*") if "mmproj" not in p.name.lower() and p.is_file())
+    files = resolve.gguf_files(directory)
     return files[0] if files else (directory if directory.is_dir() else None)
 
 

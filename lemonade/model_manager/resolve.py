@@ -8,17 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lemonade.model_manager.hf_cache import RepoDir
 from lemonade.model_manager.registry import ModelInfo
 from lemonade.utils import path_utils
 
 
-def repo_folder_name(repo_id: str) -> str:
-    """`org/name` → `models--org--name` (huggingface_hub `repo_folder_name`)."""
-    return "models--" + repo_id.replace("/", "--")
-
-
 def repo_dir(repo_id: str, cache_dir: Path | None = None) -> Path:
-    return (cache_dir or path_utils.hf_cache_dir()) / repo_folder_name(repo_id)
+    """`<cache>/models--org--name` (the layout rule lives in `hf_cache.RepoDir`). Unchecked on purpose:
+    resolving a hand-edited registry entry must not raise; `/` never survives into the folder name."""
+    return RepoDir(cache_dir or path_utils.hf_cache_dir(), repo_id).path
 
 
 def _current_snapshot(directory: Path) -> Path | None:
@@ -30,7 +28,7 @@ def _current_snapshot(directory: Path) -> Path | None:
     return snapshot if commit and snapshot.is_dir() else None
 
 
-def _gguf_files(root: Path) -> list[Path]:
+def gguf_files(root: Path) -> list[Path]:
     """Regular files (links followed) whose name contains `.gguf` and not `mmproj`, sorted by path."""
     found = [p for p in root.rglob("*") if ".gguf" in p.name and "mmproj" not in p.name.lower()
              and p.is_file()]
@@ -64,7 +62,7 @@ def resolve_gguf(info: ModelInfo, cache_dir: Path | None = None) -> Path | None:
     snapshot = _current_snapshot(directory)
     for root in ([snapshot] if snapshot else []) + [directory / "snapshots", directory]:
         if root.is_dir():
-            picked = _pick_variant(_gguf_files(root), info.variant, root)
+            picked = _pick_variant(gguf_files(root), info.variant, root)
             if picked:
                 return picked
     return None
