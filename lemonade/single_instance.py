@@ -50,17 +50,26 @@ def is_another_instance_running(app_name: str) -> bool:
     As in C++, a lock file that cannot be opened (another user's, mode 0644) lets the check pass."""
     if app_name in _held:
         return False
+    fd, error = _try_lock(app_name)
+    if fd is not None:
+        _held[app_name] = fd
+        return False
+    return error is not None and error.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+
+
+def _try_lock(app_name: str) -> tuple[int | None, OSError | None]:
+    """Take the lock without waiting: (fd holding it, None); (None, None) when the lock file cannot
+    be opened; (None, the error) when flock refuses."""
     try:
         fd = os.open(lock_path(app_name), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o666)
     except OSError:
-        return False
+        return None, None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         os.close(fd)
-        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
-    _held[app_name] = fd
-    return False
+        return None, e
+    return fd, None
 
 
 def release(app_name: str) -> None:
@@ -74,18 +83,10 @@ def lock_is_free(app_name: str) -> bool:
     """Whether nobody holds the lock (takes and drops it at once; C++ `stop` does the same, L1290)."""
     if app_name in _held:
         return False
-    try:
-        fd = os.open(lock_path(app_name), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o666)
-    except OSError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+    fd, error = _try_lock(app_name)
+    if fd is not None:
+        os.close(fd)  # closing releases the flock at once
+    return error is None
 
 
 # -- PID file ----------------------------------------------------------------------------------
