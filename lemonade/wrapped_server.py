@@ -188,8 +188,7 @@ class WrappedServer:
         no longer answers its health probe is hung: it is stopped and reported, and reloaded next time."""
         child = self.child
         if isinstance(error, http_client.BackendTimeout) and child is not None and child.is_alive():
-            if not any(http_client.is_reachable(f"{self.base_url()}{p}", HUNG_PROBE_TIMEOUT)
-                       for p in self.health_paths[:1]):
+            if not http_client.is_reachable(self.base_url() + self.health_paths[0], HUNG_PROBE_TIMEOUT):
                 log.error("%s (pid %d) is hung: %s; stopping it", self.server_name, child.pid, error.message)
                 self.unload()
                 return ProcessError(f"{self.server_name} did not answer ({error.message}) and was "
