@@ -2,15 +2,14 @@
 
 Two kinds of client, by cost:
   * the hot path, a request proxied to a backend child (`post_json`, `post_stream`), uses pooled
-    keep-alive `http.client` connections to 127.0.0.1: `requests` costs about 2.3 ms of CPU per call
-    here against 0.7 ms for `http.client` (bench/profile_proxy.py), which was most of the proxy's
-    added latency;
+    keep-alive connections to 127.0.0.1 and a small HTTP/1.1 client of its own (see "the wire"
+    below): `requests` cost about 2.3 ms of CPU per call here, `http.client` 0.7 ms, this one less
+    than half of that (bench/profile_proxy.py, bench/proxy_overhead.py);
   * everything else (health probes, downloads) uses one pooled `requests.Session` per origin. Sessions
     for loopback targets ignore `HTTP_PROXY` and friends (`trust_env = False`).
 """
 from __future__ import annotations
 
-import http.client
 import json
 import socket
 import threading
@@ -134,34 +133,34 @@ def iter_chunks(response: "BackendResponse") -> Iterator[bytes]:
 
 
 class BackendResponse:
-    """An answer from a backend: status, headers, body. Closing it returns a fully read keep-alive
-    connection to its pool and drops any other."""
+    """An answer from a backend: status, headers (lower-case names), body. Closing it returns a fully
+    read keep-alive connection to its pool and drops any other."""
 
-    def __init__(self, pool: "_ConnectionPool", conn: http.client.HTTPConnection,
-                 response: http.client.HTTPResponse, keep_alive: bool = True):
-        self._pool, self._conn, self._response = pool, conn, response
-        self._keep_alive = keep_alive
-        self.status_code = response.status
-        self.headers = response.headers
+    def __init__(self, pool: "_ConnectionPool", conn: "_Connection", head: "_Head", keep_alive: bool = True):
+        self._pool, self._conn = pool, conn
+        self.status_code = head.status
+        self.headers = head.headers
+        self._body = _BodyReader(conn.rfile, head)
+        self._keep_alive = keep_alive and not head.will_close
 
     def iter_chunks(self) -> Iterator[bytes]:
         try:
             while True:
-                chunk = self._response.read1(65536)
+                chunk = self._body.read_some()
                 if not chunk:
                     return
                 yield chunk
         except socket.timeout as e:
             raise BackendTimeout("no data within the stream's idle timeout") from e
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, ValueError) as e:
             raise NetworkError(str(e) or type(e).__name__) from e
 
     def read(self) -> bytes:
         try:
-            return self._response.read()
+            return self._body.read_all()
         except socket.timeout as e:
             raise BackendTimeout("the answer stalled") from e
-        except (OSError, http.client.HTTPException) as e:
+        except (OSError, ValueError) as e:
             raise NetworkError(str(e) or type(e).__name__) from e
 
     def json(self) -> Any:
@@ -181,12 +180,155 @@ class BackendResponse:
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        reusable = self._keep_alive and self._response.isclosed() and not self._response.will_close
-        if not reusable:
-            self._response.close()
-        self._pool.release(conn, reusable)
+        if conn is not None:
+            self._pool.release(conn, self._keep_alive and self._body.done)
+
+
+# -- the wire ----------------------------------------------------------------------------------------
+# A lean HTTP/1.1 client for our own children on 127.0.0.1. `http.client` parses every header block
+# with the `email` package and sends head and body in two writes; on this path that cost about 0.45 ms
+# per proxied request on a machine idling between requests (bench/proxy_overhead.py), most of the
+# router's added latency. What a backend may send us is narrow (llama-server, flm), so a small parser
+# of status line, header fields and Content-Length or chunked framing is enough.
+
+MAX_LINE = 65536  # longest status, header or chunk-size line accepted (http.client's limit)
+MAX_HEADERS = 100
+_REQUEST_HEAD = ("POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept-Encoding: identity\r\n"
+                 "Content-Type: application/json\r\nUser-Agent: " + USER_AGENT + "\r\n"
+                 "Content-Length: {length}\r\n\r\n")
+
+
+class _Dropped(NetworkError):
+    """The backend closed the connection before answering: the request was not processed."""
+
+
+@dataclass
+class _Head:
+    status: int
+    headers: dict[str, str]
+    will_close: bool
+
+
+class _Connection:
+    """One connection to a backend: the request goes out in one write, the answer is read through a
+    buffered reader."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.sock: socket.socket | None = None
+        self.rfile = None
+
+    def send(self, path: str, body: bytes, timeout: float) -> None:
+        """Connect if needed and write the request. Raises OSError."""
+        if self.sock is None:
+            sock = socket.create_connection((self.host, self.port), CONNECT_TIMEOUT)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock, self.rfile = sock, sock.makefile("rb")
+        self.sock.settimeout(timeout)
+        head = _REQUEST_HEAD.format(path=path, host=self.host, port=self.port, length=len(body))
+        self.sock.sendall(head.encode("latin-1") + body)
+
+    def read_head(self) -> _Head:
+        """The status line and header fields of the answer (informational 1xx answers skipped).
+        Raises _Dropped when the backend closed first, NetworkError on a malformed head, OSError."""
+        while True:
+            line = self.rfile.readline(MAX_LINE + 1)
+            if not line:
+                raise _Dropped("the backend closed the connection without answering")
+            version, _, rest = line.partition(b" ")
+            code = rest[:3]
+            if not version.startswith(b"HTTP/1.") or len(line) > MAX_LINE or not code.isdigit():
+                raise NetworkError(f"malformed status line from the backend: {line[:80]!r}")
+            headers = self._read_fields()
+            status = int(code)
+            if 100 <= status < 200:
+                continue
+            connection = headers.get("connection", "").lower()
+            will_close = "close" in connection or (version == b"HTTP/1.0" and "keep-alive" not in connection)
+            return _Head(status, headers, will_close)
+
+    def _read_fields(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for _ in range(MAX_HEADERS):
+            line = self.rfile.readline(MAX_LINE + 1)
+            if line in (b"\r\n", b"\n", b""):
+                return headers
+            name, colon, value = line.partition(b":")
+            if not colon or len(line) > MAX_LINE:
+                raise NetworkError(f"malformed header line from the backend: {line[:80]!r}")
+            key, text = name.strip().lower().decode("latin-1"), value.strip().decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        raise NetworkError(f"more than {MAX_HEADERS} header lines from the backend")
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            self.rfile.close()
+            sock.close()
+
+
+class _BodyReader:
+    """The body of one answer: chunked, Content-Length, or up to the close. `read_some` hands over
+    one transfer chunk (or what one read brought) as soon as it is there, never more."""
+
+    def __init__(self, rfile, head: _Head):
+        self._rfile = rfile
+        self._chunked = "chunked" in head.headers.get("transfer-encoding", "").lower()
+        length = head.headers.get("content-length")
+        self._remaining: int | None = None
+        if head.status in (204, 304):
+            self._remaining = 0
+        elif not self._chunked and length is not None:
+            if not length.isdigit():
+                raise NetworkError(f"bad Content-Length from the backend: {length[:40]!r}")
+            self._remaining = int(length)
+        self.done = self._remaining == 0
+
+    def read_some(self) -> bytes:
+        """Up to one chunk of the body; b"" at its end. Raises ValueError on broken framing
+        (including a body cut short), OSError."""
+        if self.done:
+            return b""
+        if self._chunked:
+            return self._next_chunk()
+        if self._remaining is None:  # no length: the body ends when the backend closes
+            data = self._rfile.read1(65536)
+            self.done = not data
+            return data
+        data = self._rfile.read1(min(65536, self._remaining))
+        if not data:
+            raise ValueError(f"the backend closed the connection with {self._remaining} bytes of the body unsent")
+        self._remaining -= len(data)
+        self.done = self._remaining == 0
+        return data
+
+    def read_all(self) -> bytes:
+        if self._remaining is not None and not self._chunked and not self.done:
+            data = self._rfile.read(self._remaining)  # one call for the common non-streaming answer
+            if len(data) < self._remaining:
+                raise ValueError(f"the backend closed the connection after {len(data)} of "
+                                 f"{self._remaining} bytes of the body")
+            self._remaining, self.done = 0, True
+            return data
+        return b"".join(iter(self.read_some, b""))
+
+    def _next_chunk(self) -> bytes:
+        line = self._rfile.readline(MAX_LINE + 1)
+        try:
+            size = int(line.split(b";", 1)[0], 16)
+        except ValueError:
+            raise ValueError(f"malformed chunk size from the backend: {line[:40]!r}") from None
+        if size < 0:
+            raise ValueError(f"malformed chunk size from the backend: {line[:40]!r}")
+        if size == 0:
+            while self._rfile.readline(MAX_LINE + 1) not in (b"\r\n", b"\n", b""):
+                pass  # trailer fields
+            self.done = True
+            return b""
+        data = self._rfile.read(size)
+        if len(data) < size or self._rfile.readline(MAX_LINE + 1) not in (b"\r\n", b"\n"):
+            raise ValueError("the backend closed the connection in the middle of a chunk")
+        return data
 
 
 class _ConnectionPool:
@@ -202,19 +344,19 @@ class _ConnectionPool:
 
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
-        self._idle: http.client.HTTPConnection | None = None
+        self._idle: _Connection | None = None
         self._in_flight = 0
         self._lock = threading.Lock()  # guards _idle and _in_flight
 
-    def acquire(self) -> tuple[http.client.HTTPConnection, bool]:
+    def acquire(self) -> tuple[_Connection, bool]:
         with self._lock:
             self._in_flight += 1
             conn, self._idle = self._idle, None
         if conn is not None:
             return conn, True
-        return http.client.HTTPConnection(self.host, self.port, timeout=CONNECT_TIMEOUT), False
+        return _Connection(self.host, self.port), False
 
-    def release(self, conn: http.client.HTTPConnection, reusable: bool = True) -> None:
+    def release(self, conn: _Connection, reusable: bool = True) -> None:
         """Hand back a connection whose request is over; it is closed unless it can be kept."""
         with self._lock:
             self._in_flight -= 1
@@ -226,8 +368,7 @@ class _ConnectionPool:
 
 _pools: dict[tuple[str, int], _ConnectionPool] = {}
 _pools_lock = threading.Lock()  # guards _pools
-_DROPPED = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
-            http.client.BadStatusLine)
+_DROPPED = (_Dropped, ConnectionResetError, BrokenPipeError)
 
 
 def _pool_for(url: str) -> tuple[_ConnectionPool, str]:
@@ -241,31 +382,25 @@ def _pool_for(url: str) -> tuple[_ConnectionPool, str]:
 
 
 def _backend_post(url: str, body: bytes, timeout: float, keep_alive: bool = True) -> BackendResponse:
-    """Send one POST. A pooled connection that the backend has closed meanwhile (llama-server drops
-    keep-alive connections after 5 s idle or a few requests, after a stream sometimes without
-    `Connection: close`) fails before the request was read, so it is sent once more on a fresh
-    connection (libcurl in C++ B does the same). A timeout is never retried."""
+    """Send one POST and read the answer's head. A pooled connection that the backend has closed
+    meanwhile (llama-server drops keep-alive connections after 5 s idle or a few requests, after a
+    stream sometimes without `Connection: close`) fails before the request was read, so it is sent once
+    more on a fresh connection (libcurl in C++ B does the same). A timeout is never retried."""
     pool, path = _pool_for(url)
-    headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
     while True:
         conn, reused = pool.acquire()
         try:
-            if conn.sock is None:
-                conn.connect()
-                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.sock.settimeout(timeout)
-            conn.request("POST", path, body=body, headers=headers)
-            return BackendResponse(pool, conn, conn.getresponse(), keep_alive)
+            conn.send(path, body, timeout)
+            return BackendResponse(pool, conn, conn.read_head(), keep_alive)
         except socket.timeout as e:
             pool.release(conn, reusable=False)
             raise BackendTimeout(f"no answer within {timeout:g} s") from e
-        except _DROPPED as e:
+        except (NetworkError, OSError) as e:
             pool.release(conn, reusable=False)
-            if reused:
+            if reused and isinstance(e, _DROPPED):
                 continue  # only a kept connection is retried, so this loop ends
-            raise NetworkError(str(e) or type(e).__name__) from e
-        except (OSError, http.client.HTTPException) as e:
-            pool.release(conn, reusable=False)
+            if isinstance(e, NetworkError):
+                raise
             raise NetworkError(str(e) or type(e).__name__) from e
 
 
