@@ -20,8 +20,8 @@ import time
 import pytest
 import requests
 
-from api_support import (settled_resources, CORS, DEFAULT_MODEL, HELLO, backend_port, raw_connection, read_response,
-                         request_bytes, resources, running_server, server_process, wait_for,
+from api_support import (settled_resources, CORS, DEFAULT_MODEL, HELLO, backend_port, raw_connection, raw_request,
+                         read_response, request_bytes, resources, running_server, server_process, wait_for,
                          wait_for_baseline)
 
 SEED = 20251125
@@ -278,6 +278,49 @@ def test_exact_errors_for_classic_mistakes(server):
         # Management routes keep B's string shape.
         reply = requests.post(server.api + "/load", data=body)
         assert reply.status_code == 400 and reply.json() == {"error": message}
+
+
+HEALTH_LINE = b"GET /api/v1/health HTTP/1.1\r\n"
+
+
+@pytest.mark.parametrize("head, status, message", [
+    (HEALTH_LINE + b"no colon here\r\n\r\n", 400, "Malformed header line: b'no colon here\\r\\n'"),
+    (HEALTH_LINE + b"X-A: 1\r\n folded\r\n\r\n", 400, "Malformed header line: b' folded\\r\\n'"),
+    (HEALTH_LINE + b"Bad name : 1\r\n\r\n", 400, "Malformed header line: b'Bad name : 1\\r\\n'"),
+    (HEALTH_LINE + b": no name\r\n\r\n", 400, "Malformed header line: b': no name\\r\\n'"),
+    (HEALTH_LINE + b"X-Long: " + b"b" * 70000 + b"\r\n\r\n", 431, "Line too long"),
+    (HEALTH_LINE + b"".join(b"X-%d: y\r\n" % i for i in range(101)) + b"\r\n", 431,
+     "More than 100 header fields"),
+    (b"GET /api/v1/health HTTP/1.x\r\n\r\n", 400, "Bad request version ('HTTP/1.x')"),
+    (b"GET /api/v1/health HTTP/\xd9\xa1.1\r\n\r\n", 400, "Bad request version ('HTTP/\u00d9\u00a1.1')"),
+    (b"GET /api/v1/health HTTP/2.0\r\n\r\n", 400, "Invalid HTTP version (HTTP/2.0)"),
+    (b"POST /api/v1/load\r\n\r\n", 400, "Bad request syntax ('POST /api/v1/load')"),
+])
+def test_malformed_header_blocks_get_a_json_error_and_a_closed_connection(server, head, status, message):
+    response = raw_request(server.port, head)
+    assert response.status == status and response.getheader("Connection") == "close"
+    assert json.loads(response.body) == {"error": {"message": message, "type": "bad_request"}}
+    assert response.getheader("Access-Control-Allow-Origin") == "*"
+
+
+def test_header_blocks_at_the_limits_are_read(server):
+    """100 fields, names in any case, repeated fields, HTTP/1.0 keep-alive: all served, and the
+    connection stays usable where the client asked for it."""
+    body = b'{"model_name": ""}'
+    fields = b"".join(b"X-%d: y\r\n" % i for i in range(97))
+    head = (b"POST /api/v1/load HTTP/1.0\r\nconnection: Keep-Alive\r\ncontent-length: %d\r\n" % len(body)
+            + b"CONTENT-TYPE: application/json\r\n" + fields + b"\r\n")
+    with raw_connection(server.port) as sock:
+        sock.sendall(head + body)
+        response = read_response(sock, "POST")
+        assert response.status == 400 and json.loads(response.body) == {"error": "'model_name' is required"}
+        assert response.getheader("Connection") is None  # kept open, as asked
+        sock.sendall(b"GET /api/v1/health HTTP/1.1\r\nX-Dup: 1\r\nX-Dup: 2\r\n\r\n")
+        assert read_response(sock).status == 200
+    # Conflicting repeats of Content-Length are still caught (they are read as a list).
+    head = b"POST /api/v1/load HTTP/1.1\r\nContent-Length: 2\r\ncontent-length: 3\r\n\r\n{}"
+    response = raw_request(server.port, head, "POST")
+    assert response.status == 400 and json.loads(response.body) == {"error": "Conflicting Content-Length headers"}
 
 
 def test_real_chat_after_the_storm(server):
