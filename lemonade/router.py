@@ -193,10 +193,11 @@ class Router:
 
     # -- forwarding --------------------------------------------------------------------------------
 
-    def forward(self, backend: WrappedServer, endpoint: str, body: dict,
+    def forward(self, backend: WrappedServer, endpoint: str, body: dict, raw: bytes | None = None,
                 telemetry: bool = True) -> http_client.JsonReply:
-        """Non-streaming call; successful completions update the backend's telemetry (C++ B §6)."""
-        reply = backend.forward_json(endpoint, body)
+        """Non-streaming call (`raw`: the client's bytes of `body`, forwarded when nothing rewrites
+        it); successful completions update the backend's telemetry (C++ B §6)."""
+        reply = backend.forward_json(endpoint, body, raw)
         if telemetry and reply.status == 200 and isinstance(reply.body, dict):
             backend.telemetry.update(reply.body, streaming=False)
         return reply

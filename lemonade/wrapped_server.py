@@ -167,18 +167,26 @@ class WrappedServer:
 
     # -- forwarding --------------------------------------------------------------------------------
 
-    def rewrite_request(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Per-backend body rewrite before forwarding (FLM replaces `model`); identity by default."""
+    def rewrite_request(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Per-backend body rewrite before forwarding to `endpoint` (FLM replaces `model`). Returns
+        `body` itself when nothing changes, a new dict otherwise; identity by default."""
         return body
 
-    def forward_json(self, endpoint: str, body: dict[str, Any]) -> http_client.JsonReply:
-        """POST to the child and return its status and parsed body. Raises ModelNotLoadedError or
-        NetworkError (the child did not answer)."""
+    def request_payload(self, endpoint: str, body: dict[str, Any], raw: bytes | None = None) -> bytes:
+        """The bytes to send to the child: the client's own `raw` bytes when nothing rewrote the body
+        (C++ does so for streams, http-api §4.4; the backend parses the same JSON either way, and the
+        hot path skips a serialisation), else the rewritten body serialised."""
+        rewritten = self.rewrite_request(endpoint, body)
+        return raw if raw is not None and rewritten is body else json_utils.dumps(rewritten)
+
+    def forward_json(self, endpoint: str, body: dict[str, Any], raw: bytes | None = None) -> http_client.JsonReply:
+        """POST to the child and return its status and parsed body. `raw` is the client's body as
+        received (see `request_payload`). Raises ModelNotLoadedError or NetworkError (the child did
+        not answer)."""
         if not self.is_alive():
             raise ModelNotLoadedError(self.server_name)
         try:
-            return http_client.post_json(self.base_url() + endpoint,
-                                         json_utils.dumps(self.rewrite_request(body)))
+            return http_client.post_json(self.base_url() + endpoint, self.request_payload(endpoint, body, raw))
         except NetworkError as e:
             raise self._death_or(e) from e
 

@@ -6,6 +6,7 @@ Everything else is the product: the server subprocess, the registry's flm models
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -86,8 +87,12 @@ def test_serve_argv_is_exact(standin):
 def test_rewrite_sets_checkpoint_and_leaves_the_request_alone():
     server = flm.FastFlowLMServer(MODEL, CKPT, "flm", 4096)
     body = {"model": MODEL, "messages": []}
-    assert server.rewrite_request(body) == {"model": CKPT, "messages": []}
+    assert server.rewrite_request("/v1/chat/completions", body) == {"model": CKPT, "messages": []}
     assert body["model"] == MODEL  # the handler compares identity to decide whether to re-dump
+    assert server.rewrite_request("/v1/embeddings", body) is body  # C++ forwards embeddings as sent
+    raw = b'{"messages": [], "model": "m"}'
+    assert server.request_payload("/v1/embeddings", body, raw) is raw
+    assert json.loads(server.request_payload("/v1/completions", body, raw))["model"] == CKPT
 
 
 def test_find_flm_order(tmp_path, monkeypatch):

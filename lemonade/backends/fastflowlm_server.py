@@ -24,8 +24,8 @@ import subprocess
 import sys
 from typing import Any
 
-from lemonade.error_types import DownloadError, FileError, InstallationError, ModelNotLoadedError
-from lemonade.utils import http_client, json_utils, path_utils, process_manager
+from lemonade.error_types import DownloadError, FileError, InstallationError
+from lemonade.utils import path_utils, process_manager
 from lemonade.wrapped_server import WrappedServer
 
 log = logging.getLogger(__name__)
@@ -228,15 +228,10 @@ class FastFlowLMServer(WrappedServer):
         """As WrappedServer.load, with FLM's deadline (`flm_ready_timeout()`) unless one is given."""
         super().load(ready_timeout if ready_timeout is not None else flm_ready_timeout())
 
-    def rewrite_request(self, body: dict[str, Any]) -> dict[str, Any]:
-        # FLM serves by its own checkpoint name (e.g. `qwen3:0.6b`), not Lemonade's model name (§10).
+    def rewrite_request(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+        """FLM serves by its own checkpoint name (e.g. `qwen3:0.6b`), not Lemonade's model name (§10).
+        Only chat/completions get the rewrite; embeddings and rerank are forwarded as sent (C++
+        FastFlowLMServer::embeddings/reranking, http-api §4.6)."""
+        if endpoint not in MODEL_REWRITE_ENDPOINTS:
+            return body
         return {**body, "model": self.checkpoint}
-
-    def forward_json(self, endpoint: str, body: dict[str, Any]) -> http_client.JsonReply:
-        """POST to the child; only chat/completions get the model rewrite, embeddings and rerank are
-        forwarded as sent (C++ FastFlowLMServer::embeddings/reranking, http-api §4.6). Raises
-        ModelNotLoadedError or NetworkError."""
-        if not self.is_alive():
-            raise ModelNotLoadedError(self.server_name)
-        payload = self.rewrite_request(body) if endpoint in MODEL_REWRITE_ENDPOINTS else body
-        return http_client.post_json(self.base_url() + endpoint, json_utils.dumps(payload))

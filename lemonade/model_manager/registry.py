@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 from lemonade.error_types import FileError

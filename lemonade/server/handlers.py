@@ -175,12 +175,13 @@ class Api:
             raw, body, model, stream = self._inference_body(h)
         except _Answered:
             return
-        changed = bool(rewrite and rewrite(body))
+        if rewrite and rewrite(body):
+            raw = None  # the body changed: it is serialised again
         with self.router.use(model) as backend:
             if stream:
-                self._relay(h, backend, endpoint, raw if not changed else None, body)
+                self._relay(h, backend, endpoint, raw, body)
                 return
-            reply = self.router.forward(backend, endpoint, body, telemetry=telemetry)
+            reply = self.router.forward(backend, endpoint, body, raw, telemetry=telemetry)
         if reply.status == 200:
             status, answer = check(reply.body) if check else (200, reply.body)
             h.send_json(status, answer)
@@ -190,9 +191,7 @@ class Api:
     def _relay(self, h, backend, endpoint: str, raw: bytes | None, body: dict) -> None:
         """Stream the backend's SSE answer. `raw` is the client's body when nothing rewrote it: C++
         forwards the original bytes in that case (§4.4)."""
-        rewritten = backend.rewrite_request(body)
-        payload = raw if raw is not None and rewritten is body else dumps(rewritten)
-        response = backend.open_stream(endpoint, payload)
+        response = backend.open_stream(endpoint, backend.request_payload(endpoint, body, raw))
         if response.status_code != 200:
             # Answer with the backend's status and body instead of a broken 200 stream (C++ §5).
             try:
