@@ -41,7 +41,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not text.strip():
         raise InvalidRequestError("Request body is empty; expected a JSON object")
     try:
-        body = json.loads(text, parse_constant=_refuse_constant)
+        body = _STRICT_DECODER.decode(text)
     except ValueError as e:
         raise InvalidRequestError(f"Invalid JSON: {e}") from None
     except RecursionError:
@@ -55,6 +55,10 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
 
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
+
+
+# One decoder for every request: `json.loads` with any keyword argument builds a new one per call.
+_STRICT_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
 def _check_encodable(value) -> None:
