@@ -197,6 +197,20 @@ def test_a_silent_backend_times_out_and_is_not_retried(peer):
     assert len(p.requests) == 1
 
 
+def read_stream_reporting_each_chunk(url: str, received: queue.Queue) -> list[bytes]:
+    """Open a stream and read it, putting each chunk in `received` the moment it is handed over (the
+    peer waits on that queue before it sends more)."""
+    response = http_client.post_stream(url, b"{}")
+    got = []
+    try:
+        for chunk in http_client.iter_chunks(response):
+            got.append(chunk)
+            received.put(chunk)
+    finally:
+        response.close()
+    return got
+
+
 def test_stream_chunks_are_handed_over_one_by_one_as_they_arrive(peer):
     """Each transfer chunk reaches the caller before the peer sends the next one (the peer waits for
     the test to confirm): nothing is held back to fill a buffer."""
@@ -211,14 +225,7 @@ def test_stream_chunks_are_handed_over_one_by_one_as_they_arrive(peer):
         conn.sendall(b"0\r\n\r\n")
 
     p = peer(script)
-    response = http_client.post_stream(p.url, b"{}")
-    got = []
-    try:
-        for chunk in http_client.iter_chunks(response):
-            got.append(chunk)
-            received.put(chunk)
-    finally:
-        response.close()
+    got = read_stream_reporting_each_chunk(p.url, received)
     assert got == frames
 
 
@@ -249,12 +256,5 @@ def test_a_content_length_stream_is_relayed_as_read(peer):
         conn.sendall(rest)
 
     p = peer(script)
-    response = http_client.post_stream(p.url, b"{}")
-    got = []
-    try:
-        for chunk in http_client.iter_chunks(response):
-            got.append(chunk)
-            received.put(chunk)
-    finally:
-        response.close()
+    got = read_stream_reporting_each_chunk(p.url, received)
     assert b"".join(got) == body and got[0] == first
