@@ -72,7 +72,8 @@ def test_departed_clients_free_their_threads(server):
     readers = [SseReader(server.port) for _ in range(5)]
     for reader in readers:
         reader.until(b": heartbeat\n\n")
-    assert resources(proc)[0] >= baseline[0] + 5
+    # A thread per open stream; one of them may be the warm-up's handler, waiting for a connection.
+    assert resources(proc)[0] >= baseline[0] + 4
     for reader in readers:
         reader.close()
     wait_for_baseline(proc, baseline, slack=1)

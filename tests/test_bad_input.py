@@ -389,7 +389,7 @@ def quick_timeout_server(tmp_path, seeded_hub_cache, monkeypatch):
     api = Api(router, models, ServerConfig(port=0), on_shutdown=lambda: None)
     httpd = LemonadeHTTPServer(("127.0.0.1", 0), api, client_timeout=1.0)
     thread = serve_forever_in_thread(httpd)
-    yield httpd.server_address[1]
+    yield httpd
     httpd.shutdown()
     httpd.server_close()
     router.shutdown()
@@ -397,9 +397,10 @@ def quick_timeout_server(tmp_path, seeded_hub_cache, monkeypatch):
 
 
 def test_stalled_clients_are_cut_and_block_nobody(quick_timeout_server):
-    port = quick_timeout_server
+    httpd = quick_timeout_server
+    port = httpd.server_address[1]
     requests.get(f"http://127.0.0.1:{port}/api/v1/health")
-    wait_for(lambda: _handler_threads() == 0, 5, what="the warm-up handler to end")
+    wait_for(lambda: httpd.busy_handlers() == 0, 5, what="the warm-up handler to end")
     stalls = [b"", b"POST /api/v1/chat/comp", b"POST /api/v1/params HTTP/1.1\r\nHost: x\r\nContent-Le",
               b"POST /api/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"mod"]
     sockets = []
@@ -407,7 +408,7 @@ def test_stalled_clients_are_cut_and_block_nobody(quick_timeout_server):
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         sock.sendall(data)
         sockets.append(sock)
-    wait_for(lambda: _handler_threads() == len(stalls), 5, what="a handler thread per stalled client")
+    wait_for(lambda: httpd.busy_handlers() == len(stalls), 5, what="a handler thread per stalled client")
     # Others are served at once while four handlers wait on stalled clients.
     for _ in range(20):
         start = time.monotonic()
@@ -432,9 +433,40 @@ def test_stalled_clients_are_cut_and_block_nobody(quick_timeout_server):
     assert json.loads(body) == {"error": {"message": "Request body not received within 1 s",
                                           "type": "invalid_request"}}
     assert all(elapsed < 5 for _, elapsed in answers)
-    wait_for(lambda: _handler_threads() == 0, 5, what="handler threads to end")
+    wait_for(lambda: httpd.busy_handlers() == 0, 5, what="handler threads to end")
 
 
-def _handler_threads() -> int:
-    """Threads socketserver started for connections (named after `process_request_thread`)."""
-    return sum(1 for t in threading.enumerate() if "process_request_thread" in t.name)
+def test_handler_threads_are_reused_and_do_not_linger(quick_timeout_server, monkeypatch):
+    """A new connection is served by a handler thread that is waiting, not by a new thread; a burst
+    leaves at most MAX_IDLE_HANDLERS waiting, and those end after HANDLER_IDLE_SECONDS."""
+    from lemonade.server import httpd as httpd_module
+
+    monkeypatch.setattr(httpd_module, "HANDLER_IDLE_SECONDS", 1.0)
+    httpd = quick_timeout_server
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/api/v1/health"
+    seen = set()
+    for _ in range(10):  # one connection after another: one thread serves them all
+        assert requests.get(url, headers={"Connection": "close"}).status_code == 200
+        wait_for(lambda: httpd.busy_handlers() == 0, 5, what="the handler to finish its connection")
+        seen.update(_handler_thread_objects(httpd))
+    assert len(seen) == 1
+    burst = [socket.create_connection(httpd.server_address, timeout=10) for _ in range(10)]
+    wait_for(lambda: httpd.busy_handlers() == 10, 5, what="a handler per open connection")
+    assert _handler_threads(httpd) == 10
+    for sock in burst:
+        sock.sendall(request_bytes("GET", "/api/v1/health", headers={"Connection": "close"}))
+        assert read_response(sock).status == 200
+        sock.close()
+    wait_for(lambda: httpd.busy_handlers() == 0, 5, what="the burst to be served")
+    assert _handler_threads(httpd) <= httpd_module.MAX_IDLE_HANDLERS
+    wait_for(lambda: _handler_threads(httpd) == 0, 10, what="waiting handlers to end")
+    assert requests.get(url).status_code == 200  # and a new one starts when none is waiting
+
+
+def _handler_thread_objects(httpd) -> list[threading.Thread]:
+    """Handler threads of the in-process server, busy or waiting for a connection."""
+    return [t for t in threading.enumerate() if t.name == f"lemonade-http-{httpd.server_address[1]}"]
+
+
+def _handler_threads(httpd) -> int:
+    return len(_handler_thread_objects(httpd))

@@ -7,6 +7,7 @@ body in one system call; SSE responses use chunked framing written chunk by chun
 from __future__ import annotations
 
 import logging
+import queue
 import re
 import socket
 import threading
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 API_PREFIXES = ("/api/v0/", "/api/v1/")
 MAX_JSON_BODY = 32 * 1024 * 1024  # larger bodies get 413 without being read
 CLIENT_IDLE_TIMEOUT = 60.0  # a silent client cannot pin a handler thread forever
+HANDLER_IDLE_SECONDS = 5.0  # how long a handler thread without a connection waits for the next one
+MAX_IDLE_HANDLERS = 4
 DISCARD_LIMIT = 1024 * 1024  # unread bodies up to this size are drained to keep the connection
 # Methods cpp-httplib parses (httplib.h `parse_request_line`) but for which no route exists: 404.
 # Any other method is a malformed request line for httplib: 400 (http.server would say 501).
@@ -149,6 +152,12 @@ _BODY_READERS = set(API_POST.values()) | {"shutdown", "test"}
 
 
 class LemonadeHTTPServer(ThreadingHTTPServer):
+    """One thread per open connection, as ThreadingHTTPServer, but a thread whose connection ended
+    waits a while for the next one instead of exiting: starting a thread for each new connection took
+    about 0.6 ms on a machine that had been idle (accept to handler running, bench/streaming.py TTFB),
+    handing a connection to a waiting thread is one wake-up. At most MAX_IDLE_HANDLERS wait, each for
+    at most HANDLER_IDLE_SECONDS, so a burst of connections leaves no lasting threads behind."""
+
     daemon_threads = True  # handler threads never block exit; shutdown stops backends explicitly
     request_queue_size = 128
     allow_reuse_address = True
@@ -160,7 +169,54 @@ class LemonadeHTTPServer(ThreadingHTTPServer):
         self.client_timeout = client_timeout
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.address_family = family
+        self._handoff: queue.SimpleQueue = queue.SimpleQueue()  # connections for waiting handlers
+        self._handlers_lock = threading.Lock()  # guards _idle_handlers and _busy_handlers
+        # Handlers waiting on _handoff, minus connections queued there (so never below 0).
+        self._idle_handlers = 0
+        self._busy_handlers = 0
         super().__init__(address, Handler)
+
+    def process_request(self, request, client_address) -> None:
+        """Give the connection to a waiting handler thread, or start one (called by the accept loop)."""
+        with self._handlers_lock:
+            self._busy_handlers += 1
+            if self._idle_handlers > 0:
+                self._idle_handlers -= 1
+                self._handoff.put((request, client_address))
+                return
+        threading.Thread(target=self._handle_connections, args=(request, client_address),
+                         name=f"lemonade-http-{self.server_address[1]}", daemon=True).start()
+
+    def _handle_connections(self, request, client_address) -> None:
+        while request is not None:
+            try:
+                self.process_request_thread(request, client_address)  # serves, then closes the socket
+            finally:
+                with self._handlers_lock:
+                    self._busy_handlers -= 1
+            request, client_address = self._next_connection()
+
+    def _next_connection(self) -> tuple:
+        """Wait for another connection; (None, None) when this thread should end."""
+        with self._handlers_lock:
+            if self._idle_handlers >= MAX_IDLE_HANDLERS:
+                return None, None
+            self._idle_handlers += 1
+        try:
+            return self._handoff.get(timeout=HANDLER_IDLE_SECONDS)
+        except queue.Empty:
+            with self._handlers_lock:
+                if self._idle_handlers > 0:
+                    self._idle_handlers -= 1
+                    return None, None
+            # A connection was handed to "a waiting handler" just as this wait ran out: the count says
+            # one is queued for every handler still counted as waiting, this one included.
+            return self._handoff.get()
+
+    def busy_handlers(self) -> int:
+        """Handler threads serving a connection now (waiting ones not counted)."""
+        with self._handlers_lock:
+            return self._busy_handlers
 
     def handle_error(self, request, client_address) -> None:
         log.exception("Unhandled error while serving %s", client_address)
