@@ -30,6 +30,8 @@ MODEL = harness.MODEL
 ENV_CPP_ROUTER = "LEMONADE_BENCH_CPP_ROUTER"
 ENV_CPP_SERVER = "LEMONADE_BENCH_CPP_SERVER"
 LOAD_TIMEOUT = 900.0
+# A llama-server stand-in that answers after a fixed delay, for figures of the router alone.
+STAND_IN = Path(__file__).resolve().parent / "llama-server-stand-in.py"
 
 
 @dataclass
@@ -125,9 +127,10 @@ def gemma() -> tuple[Path, str]:
 class Servers:
     """Routers under test, each with its own private HOME, and their llama-server children."""
 
-    def __init__(self) -> None:
+    def __init__(self, llama: Path | None = None) -> None:
+        """`llama`: the llama-server to start (default: the real one; see STAND_IN)."""
         self.work = Path(tempfile.mkdtemp(prefix="lemonade-bench-"))
-        self.llama = llama_server_path()
+        self.llama = llama or llama_server_path()
         self.gguf = gemma()
         self.routers: list[harness.Router] = []
 
