@@ -105,6 +105,15 @@ def test_request_is_one_write_with_the_headers_cpp_sends(peer):
     assert body == b'{"model":"m"}'
 
 
+@pytest.mark.parametrize("size", [0, http_client.JOIN_BODY_LIMIT, http_client.JOIN_BODY_LIMIT + 1, 3_000_000])
+def test_bodies_of_any_size_arrive_whole(peer, size):
+    body = json.dumps({"image": "x" * max(0, size - 13)}).encode()[:size] if size else b""
+    p = peer(lambda conn, req, n: conn.sendall(answer(b"{}")))
+    assert http_client.post_json(p.url, body).status == 200
+    head, sent = p.requests[0][1].split(b"\r\n\r\n", 1)
+    assert sent == body and f"Content-Length: {len(body)}".encode() in head
+
+
 def test_sequential_requests_reuse_one_connection(peer):
     p = peer(lambda conn, req, n: conn.sendall(answer(b'{"n":%d}' % n)))
     assert [http_client.post_json(p.url, b"{}").body["n"] for _ in range(5)] == [1, 2, 3, 4, 5]

@@ -193,6 +193,7 @@ class BackendResponse:
 
 MAX_LINE = 65536  # longest status, header or chunk-size line accepted (http.client's limit)
 MAX_HEADERS = 100
+JOIN_BODY_LIMIT = 65536  # bodies up to this size leave in the same write as the head
 _REQUEST_HEAD = ("POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept-Encoding: identity\r\n"
                  "Content-Type: application/json\r\nUser-Agent: " + USER_AGENT + "\r\n"
                  "Content-Length: {length}\r\n\r\n")
@@ -225,8 +226,12 @@ class _Connection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock, self.rfile = sock, sock.makefile("rb")
         self.sock.settimeout(timeout)
-        head = _REQUEST_HEAD.format(path=path, host=self.host, port=self.port, length=len(body))
-        self.sock.sendall(head.encode("latin-1") + body)
+        head = _REQUEST_HEAD.format(path=path, host=self.host, port=self.port, length=len(body)).encode("latin-1")
+        if len(body) <= JOIN_BODY_LIMIT:
+            self.sock.sendall(head + body)
+        else:  # a large body (an image, say) is not copied just to save one write
+            self.sock.sendall(head)
+            self.sock.sendall(body)
 
     def read_head(self) -> _Head:
         """The status line and header fields of the answer (informational 1xx answers skipped).
