@@ -130,16 +130,19 @@ def resources(proc: psutil.Process) -> tuple[int, int]:
     return proc.num_threads(), proc.num_fds()
 
 
-def settled_resources(proc: psutil.Process, timeout: float = 5.0) -> tuple[int, int]:
-    """(threads, fds) once the count stops moving (handlers of earlier connections may still be ending)."""
+def settled_resources(proc: psutil.Process, timeout: float = 5.0, quiet: float = 0.3) -> tuple[int, int]:
+    """(threads, fds) once the count has not moved for `quiet` seconds (handlers of earlier connections
+    may still be ending, or waiting for a next connection: those end HANDLER_IDLE_SECONDS later)."""
     last = resources(proc)
     deadline = time.monotonic() + timeout
+    quiet_since = time.monotonic()
     while time.monotonic() < deadline:
         time.sleep(0.3)
         now = resources(proc)
-        if now == last:
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet:
             return now
-        last = now
     return last
 
 

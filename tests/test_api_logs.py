@@ -8,6 +8,8 @@ import time
 import pytest
 import requests
 
+from lemonade.server.httpd import HANDLER_IDLE_SECONDS
+
 from api_support import (settled_resources, assert_cors, not_found, raw_connection, read_response, request_bytes, resources,
                          running_server, server_process, wait_for, wait_for_baseline)
 
@@ -68,12 +70,12 @@ def test_head_sends_headers_only(server):
 def test_departed_clients_free_their_threads(server):
     proc = server_process(server)
     requests.get(server.api + "/health")
-    baseline = settled_resources(proc)
+    # Quiet for longer than a handler thread waits for a next connection: none is left waiting.
+    baseline = settled_resources(proc, timeout=4 * HANDLER_IDLE_SECONDS, quiet=HANDLER_IDLE_SECONDS + 1)
     readers = [SseReader(server.port) for _ in range(5)]
     for reader in readers:
         reader.until(b": heartbeat\n\n")
-    # A thread per open stream; one of them may be the warm-up's handler, waiting for a connection.
-    assert resources(proc)[0] >= baseline[0] + 4
+    assert resources(proc)[0] >= baseline[0] + 5  # a thread per open stream
     for reader in readers:
         reader.close()
     wait_for_baseline(proc, baseline, slack=1)
