@@ -25,7 +25,7 @@ BENCHES = {
     "idle_memory": ([], []),
     "proxy_overhead": (["--requests", "200"], ["--requests", "200"]),
     "streaming": (["--streams", "20"], ["--streams", "8"]),
-    "concurrency": (["--rounds", "6"], ["--rounds", "2"]),
+    "concurrency": (["--rounds", "10"], ["--rounds", "2"]),
 }
 DOWNLOAD_ARGS = ["--repeat", "1", "--extra-mb", "20"]
 

@@ -442,6 +442,7 @@ def test_handler_threads_are_reused_and_do_not_linger(quick_timeout_server, monk
     from lemonade.server import httpd as httpd_module
 
     monkeypatch.setattr(httpd_module, "HANDLER_IDLE_SECONDS", 1.0)
+    monkeypatch.setattr(httpd_module, "MAX_IDLE_HANDLERS", 4)  # below the burst below
     httpd = quick_timeout_server
     url = f"http://127.0.0.1:{httpd.server_address[1]}/api/v1/health"
     seen = set()

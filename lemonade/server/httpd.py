@@ -25,7 +25,7 @@ API_PREFIXES = ("/api/v0/", "/api/v1/")
 MAX_JSON_BODY = 32 * 1024 * 1024  # larger bodies get 413 without being read
 CLIENT_IDLE_TIMEOUT = 60.0  # a silent client cannot pin a handler thread forever
 HANDLER_IDLE_SECONDS = 5.0  # how long a handler thread without a connection waits for the next one
-MAX_IDLE_HANDLERS = 4
+MAX_IDLE_HANDLERS = 32  # enough for a burst of clients (the web UI, a concurrency test) to find one
 DISCARD_LIMIT = 1024 * 1024  # unread bodies up to this size are drained to keep the connection
 # Methods cpp-httplib parses (httplib.h `parse_request_line`) but for which no route exists: 404.
 # Any other method is a malformed request line for httplib: 400 (http.server would say 501).
