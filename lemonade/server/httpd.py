@@ -18,6 +18,7 @@ from lemonade import error_types
 from lemonade.error_types import (InvalidRequestError, LemonadeError, RequestTimeoutError,
                                   RequestTooLargeError)
 from lemonade.utils.json_utils import dumps
+from lemonade.utils.http_client import HeaderError, header_lines
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,6 @@ def match_route(method: str, path: str) -> tuple[str | None, dict]:
     return None, {}
 
 
-MAX_LINE = 65536  # longest request or header line (http.server's limits, kept)
-MAX_HEADERS = 100
-
-
 class Headers:
     """Request header fields: names case-insensitive, repeated fields kept in order.
 
@@ -115,28 +112,16 @@ class Headers:
         return name.lower() in self._fields
 
 
-class HeaderError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
 def read_header_fields(rfile) -> Headers:
-    """Header lines up to the empty line. Raises HeaderError: 431 for a line over MAX_LINE or more than
-    MAX_HEADERS fields (as http.server), 400 for a line that is not `name: value` (cpp-httplib refuses
-    those too; an obs-fold continuation line is one of them, as RFC 9112 §5.2 allows)."""
+    """A request's header fields (`http_client.header_lines` reads them). Raises HeaderError: 431 as
+    http.server, 400 for a line that is not `name: value` (cpp-httplib refuses those too; an obs-fold
+    continuation line is one of them, as RFC 9112 §5.2 allows; so are blanks around the name, §5.1)."""
     headers = Headers()
-    for _ in range(MAX_HEADERS + 1):
-        line = rfile.readline(MAX_LINE + 1)
-        if len(line) > MAX_LINE:
-            raise HeaderError(431, "Line too long")
-        if line in (b"\r\n", b"\n", b""):
-            return headers
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip():
+    for line, name, value in header_lines(rfile):
+        if not name or name != name.strip():
             raise HeaderError(400, f"Malformed header line: {line[:60]!r}")
-        headers.add(name.decode("latin-1"), value.strip().decode("latin-1"))
-    raise HeaderError(431, f"More than {MAX_HEADERS} header fields")
+        headers.add(name.decode("latin-1"), value.decode("latin-1"))
+    return headers
 
 
 class ClientDisconnected(Exception):

@@ -191,12 +191,37 @@ class BackendResponse:
 # router's added latency. What a backend may send us is narrow (llama-server, flm), so a small parser
 # of status line, header fields and Content-Length or chunked framing is enough.
 
-MAX_LINE = 65536  # longest status, header or chunk-size line accepted (http.client's limit)
+MAX_LINE = 65536  # longest request, status, header or chunk-size line (http.server's and http.client's limit)
 MAX_HEADERS = 100
 JOIN_BODY_LIMIT = 65536  # bodies up to this size leave in the same write as the head
 _REQUEST_HEAD = ("POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept-Encoding: identity\r\n"
                  "Content-Type: application/json\r\nUser-Agent: " + USER_AGENT + "\r\n"
                  "Content-Length: {length}\r\n\r\n")
+
+
+class HeaderError(Exception):
+    """A header block we refuse; `status` is what a server answers for it (431 or 400)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def header_lines(rfile) -> Iterator[tuple[bytes, bytes, bytes]]:
+    """(line, name, stripped value) of each header line up to the empty line; read by both sides of
+    the proxy (`httpd` for requests, `_Connection` for a backend's answers). Raises HeaderError: 431
+    for a line over MAX_LINE or more than MAX_HEADERS fields, 400 for a line without a colon."""
+    for _ in range(MAX_HEADERS + 1):
+        line = rfile.readline(MAX_LINE + 1)
+        if len(line) > MAX_LINE:
+            raise HeaderError(431, "Line too long")
+        if line in (b"\r\n", b"\n", b""):
+            return
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise HeaderError(400, f"Malformed header line: {line[:60]!r}")
+        yield line, name, value.strip()
+    raise HeaderError(431, f"More than {MAX_HEADERS} header fields")
 
 
 class _Dropped(NetworkError):
@@ -253,17 +278,16 @@ class _Connection:
             return _Head(status, headers, will_close)
 
     def _read_fields(self) -> dict[str, str]:
+        """Header fields by lower-case name, repeats joined with ", ". Blanks around a name are
+        dropped, as RFC 9112 §5.1 asks of a client (a server refuses them)."""
         headers: dict[str, str] = {}
-        for _ in range(MAX_HEADERS):
-            line = self.rfile.readline(MAX_LINE + 1)
-            if line in (b"\r\n", b"\n", b""):
-                return headers
-            name, colon, value = line.partition(b":")
-            if not colon or len(line) > MAX_LINE:
-                raise NetworkError(f"malformed header line from the backend: {line[:80]!r}")
-            key, text = name.strip().lower().decode("latin-1"), value.strip().decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        raise NetworkError(f"more than {MAX_HEADERS} header lines from the backend")
+        try:
+            for _, name, value in header_lines(self.rfile):
+                key, text = name.strip().lower().decode("latin-1"), value.decode("latin-1")
+                headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        except HeaderError as e:
+            raise NetworkError(f"{e} (from the backend)") from None
+        return headers
 
     def close(self) -> None:
         sock, self.sock = self.sock, None
