@@ -43,9 +43,10 @@ def make_repo(hub: LoopbackHub, workdir: Path, extra_mb: int) -> int:
 
 def pull_lemonade(hub: LoopbackHub, cache: Path) -> None:
     from lemonade.model_manager.hf_download import download_checkpoint
+    from lemonade.model_manager.hf_select import whole_repo
 
     os.environ.update(HF_ENDPOINT=hub.endpoint, HF_HUB_CACHE=str(cache))
-    download_checkpoint(GEMMA_REPO, "oga-cpu")  # any non-llamacpp recipe takes every file
+    download_checkpoint(GEMMA_REPO, whole_repo)  # every file, as huggingface_hub's snapshot_download
 
 
 def pull_hf(hub: LoopbackHub, cache: Path) -> None:

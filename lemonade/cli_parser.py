@@ -16,13 +16,15 @@ import re
 import sys
 
 from lemonade import __version__
+from lemonade.backends import LLAMACPP_BACKENDS
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
-LLAMACPP_BACKENDS = ("vulkan", "rocm", "metal")
 DEFAULT_PORT = 8000
 DEFAULT_HOST = "localhost"
 DEFAULT_CTX_SIZE = 4096
 COMMANDS = ("serve", "list", "pull", "delete", "run", "status", "stop")
+# Ours (`lemonade` only; `lemonade-server` keeps C++ GA's command set): HEAD's multi-model commands.
+OUR_COMMANDS = ("load", "unload", "pin", "unpin")
 
 # `lemonade-server` settings read from the environment before argv (tray_app.cpp L511-516, cli.md §4).
 ENV_PORT = "LEMONADE_PORT"
@@ -31,10 +33,9 @@ ENV_CTX_SIZE = "LEMONADE_CTX_SIZE"
 ENV_LLAMACPP = "LEMONADE_LLAMACPP"
 ENV_LLAMACPP_ARGS = "LEMONADE_LLAMACPP_ARGS"
 ENV_LOG_LEVEL = "LEMONADE_LOG_LEVEL"
+ENV_MAX_LOADED_MODELS = "LEMONADE_MAX_LOADED_MODELS"  # HEAD's `max_loaded_models` (ours as an env var)
+ENV_IDLE_TIMEOUT = "LEMONADE_IDLE_TIMEOUT"  # ours
 
-PULL_USAGE = "pull <model_name> [--checkpoint CHECKPOINT] [--recipe RECIPE] [--reasoning] [--vision] [--mmproj MMPROJ]"
-DELETE_USAGE = "delete <model_name>"
-RUN_USAGE = "run <model_name>"
 
 
 class _Record:
@@ -53,7 +54,7 @@ class ServerConfig(_Record):
 
     def __init__(self, port: int = DEFAULT_PORT, host: str = DEFAULT_HOST, log_level: str = "info",
                  llamacpp: str = "vulkan", ctx_size: int = DEFAULT_CTX_SIZE, llamacpp_args: str = "",
-                 llama_server: str | None = None):
+                 llama_server: str | None = None, max_loaded_models: int = 1, idle_timeout: float = 0.0):
         self.port = port
         self.host = host
         self.log_level = log_level
@@ -61,18 +62,8 @@ class ServerConfig(_Record):
         self.ctx_size = ctx_size
         self.llamacpp_args = llamacpp_args
         self.llama_server = llama_server  # explicit llama-server binary (ours; `lemonade --llama-server`)
-
-
-def configure_logging(level: str) -> None:
-    """Log to stdout at `level`; an unknown level (the C++ client passes it on unchecked) means info."""
-    import logging
-
-    numeric = {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING,
-               "info": logging.INFO, "debug": logging.DEBUG, "trace": logging.DEBUG}.get(level, logging.INFO)
-    logging.basicConfig(level=numeric, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if numeric > logging.DEBUG:
-        logging.getLogger("urllib3").setLevel(logging.WARNING)
+        self.max_loaded_models = max_loaded_models  # per model type; -1 = unlimited (HEAD §3.1)
+        self.idle_timeout = idle_timeout  # seconds without a request before a model unloads; 0 = never
 
 
 # == lemonade-router (CLI11) ===================================================================
@@ -208,8 +199,10 @@ def main_router() -> None:
     if parsed.show_version:
         print(f"lemonade-router version {__version__}")
         return
-    configure_logging(parsed.config.log_level)
+    from lemonade.logging_config import configure_logging
     from lemonade.server import run_server
+
+    configure_logging(parsed.config.log_level)
 
     sys.exit(run_server(parsed.config))
 
@@ -250,6 +243,23 @@ def _env_defaults(config: ServerConfig) -> None:
                        (ENV_LLAMACPP_ARGS, "llamacpp_args")):
         if name in os.environ:
             setattr(config, attr, os.environ[name])
+    for name, attr in ((ENV_MAX_LOADED_MODELS, "max_loaded_models"), (ENV_IDLE_TIMEOUT, "idle_timeout")):
+        if name in os.environ:
+            _set_limit(config, attr, os.environ[name], f"${name}")
+
+
+def _set_limit(config: ServerConfig, attr: str, text: str, source: str) -> None:
+    """`max_loaded_models` (-1 or a positive integer, HEAD's rule) or `idle_timeout` (seconds ≥ 0).
+    Raises UsageError (exit 1) naming the flag or variable it came from."""
+    try:
+        value = int(text) if attr == "max_loaded_models" else float(text)
+    except ValueError:
+        value = None
+    if attr == "max_loaded_models" and (value is None or (value < 1 and value != -1)):
+        raise UsageError(f"Error: {source} must be -1 (unlimited) or a positive integer, got '{text}'", 1)
+    if attr == "idle_timeout" and (value is None or not value >= 0 or value == float("inf")):
+        raise UsageError(f"Error: {source} must be a number of seconds (0 = never), got '{text}'", 1)
+    setattr(config, attr, value)
 
 
 def parse_client_args(argv: list[str], extra_value_flags: tuple[str, ...] = ()) -> ClientArgs:
@@ -268,7 +278,8 @@ def parse_client_args(argv: list[str], extra_value_flags: tuple[str, ...] = ()) 
         return args
     args.command = argv[0]
     value_flags = {"--log-level": "log_level", "--port": "port", "--host": "host", "--ctx-size": "ctx_size",
-                   "--llamacpp": "llamacpp", "--llamacpp-args": "llamacpp_args"}
+                   "--llamacpp": "llamacpp", "--llamacpp-args": "llamacpp_args",
+                   "--max-loaded-models": "max_loaded_models", "--idle-timeout": "idle_timeout"}
     value_flags.update({flag: flag[2:].replace("-", "_") for flag in extra_value_flags})
     i = 1
     while i < len(argv):
@@ -288,6 +299,8 @@ def parse_client_args(argv: list[str], extra_value_flags: tuple[str, ...] = ()) 
                     # C++: uncaught std::invalid_argument -> `Fatal error: stoi`, exit 1 (tray/main.cpp).
                     raise UsageError(f"Fatal error: stoi: {token} expects an integer, got '{value}'", 1)
                 setattr(args.config, attr, number)
+            elif attr in ("max_loaded_models", "idle_timeout"):
+                _set_limit(args.config, attr, value, token)
             else:
                 setattr(args.config, attr, value)
             i += 2
@@ -307,7 +320,13 @@ def client_help(prog: str, serve_options: bool, ours: bool) -> str:
              "  delete <model>           Delete a model",
              "  run <model>              Run a model (starts server if needed)",
              "  status                   Check server status",
-             "  stop                     Stop the server", ""]
+             "  stop                     Stop the server"]
+    if ours:
+        lines += ["  load <model> [--pinned]  Load a model on the running server",
+                  "  unload [<model>]         Unload one model, or every model",
+                  "  pin <model>              Keep a loaded model resident (never evicted)",
+                  "  unpin <model>            Let a pinned model be evicted again"]
+    lines.append("")
     if serve_options:
         lines += ["Serve Options:",
                   "  --port PORT              Server port (default: 8000)",
@@ -319,7 +338,11 @@ def client_help(prog: str, serve_options: bool, ours: bool) -> str:
                   "  --log-level LEVEL        Log level: info, debug, trace (default: info)",
                   "  --no-tray                Start server without tray (default on Linux)"]
         if ours:
-            lines.append("  --llama-server PATH      llama-server binary to run (default: $LEMONADE_LLAMA_SERVER)")
+            lines += ["  --llama-server PATH      llama-server binary to run (default: $LEMONADE_LLAMA_SERVER)",
+                      "  --max-loaded-models N    Models resident per type: llm, embedding, reranking",
+                      "                           (default: 1, -1 = unlimited; $LEMONADE_MAX_LOADED_MODELS)",
+                      "  --idle-timeout SECONDS   Unload a model unused this long (default: 0 = never;",
+                      "                           $LEMONADE_IDLE_TIMEOUT)"]
         lines.append("")
     lines += ["  --help, -h               Show this help message", "  --version, -v            Show version", ""]
     return "\n".join(lines)
@@ -341,6 +364,8 @@ def _dispatch(prog: str, args: ClientArgs) -> int:
         return server_manager.delete(config, rest, prog)
     if command == "serve":
         return server_manager.serve(config, prog)
+    if command in OUR_COMMANDS:
+        return server_manager.residency_command(command, rest, prog)
     return server_manager.run(config, rest, prog)
 
 
@@ -362,7 +387,7 @@ def main_client(prog: str, argv: list[str]) -> int:
         print("Error: No command specified\n", file=sys.stderr)
         sys.stdout.write(client_help(prog, False, ours))
         return 1
-    if args.command not in COMMANDS:
+    if args.command not in COMMANDS + (OUR_COMMANDS if ours else ()):
         print(f"Error: Unknown command '{args.command}'\n", file=sys.stderr)
         sys.stdout.write(client_help(prog, False, ours))
         return 1

@@ -13,6 +13,7 @@ class LemonadeError(Exception):
 
     error_type = "internal_error"
     status = 500
+    string_body = False  # C++ answers this one as {"error": "<text>"} on every route
 
     def __init__(self, message: str, details: dict[str, Any] | None = None):
         super().__init__(message)
@@ -131,3 +132,78 @@ def not_found_body(path: str, message: str = "The requested endpoint does not ex
 def simple_error_body(message: str) -> dict[str, Any]:
     """The C++ handlers' catch-all body `{"error":"<text>"}` (http-api §2.8, §4.10)."""
     return {"error": message}
+
+
+def render(error: LemonadeError, style: str, path: str) -> tuple[int, dict[str, Any]]:
+    """(status, body) of `error` on a route whose errors have `style` (`routes.Errors` values):
+    "string" is `{"error": "<text>"}`; "openai" the nested object, with the endpoint's path added to
+    a 404 (http-api §2.6). Dialect routes register their own styles in `RENDERERS`."""
+    if style in RENDERERS:
+        return RENDERERS[style](error, path)
+    if style == "string" or error.string_body:
+        return error.status, simple_error_body(error.message)
+    if error.status == 404:
+        return 404, not_found_body(path, error.message)
+    return error.status, error.to_body()
+
+
+RENDERERS: dict[str, Any] = {}  # style -> (error, path) -> (status, body), for the other API dialects
+
+
+def backend_error_body(server_name: str, status: int, response: Any) -> dict[str, Any]:
+    """A backend's non-200 answer as an OpenAI error (HEAD `wrapped_server.cpp` 114-150): the
+    backend's own message and type where it gave them (C++ GA buried them in `details` under
+    "<server> request failed"), its status, and the whole answer in `details`."""
+    error = response.get("error") if isinstance(response, dict) else None
+    error = error if isinstance(error, dict) else {}
+    message = error.get("message") if isinstance(error.get("message"), str) else None
+    if message is None:
+        text = response if isinstance(response, str) else ""
+        message = text.strip()[:500] or f"{server_name} answered with HTTP {status}"
+    kind = error.get("type") if isinstance(error.get("type"), str) else None
+    body: dict[str, Any] = {
+        "message": message,
+        "type": kind or ("invalid_request_error" if 400 <= status < 500 else "backend_error"),
+        "status_code": status,
+        "details": {"backend": server_name, "response": response, "status_code": status},
+    }
+    if "code" in error:
+        body["code"] = error["code"]
+    return {"error": body}
+
+
+class NoModelError(InvalidRequestError):
+    """A request names no model and none is loaded. C++ answers with a plain string body here."""
+
+    string_body = True
+
+    def __init__(self) -> None:
+        super().__init__("No model loaded and no model specified in request")
+
+
+class ModelNotLoadedNamedError(LemonadeError):
+    """`/unload` or a pin of a model that is not loaded (HEAD: `Model not loaded: <name>`)."""
+
+    error_type = "model_not_loaded"
+    status = 404
+
+    def __init__(self, name: str):
+        super().__init__(f"Model not loaded: {name}")
+        self.name = name
+
+
+class SlotsPinnedError(LemonadeError):
+    """A load needs a slot, and every loaded model of its type is pinned (HEAD `SlotsPinnedException`)."""
+
+    error_type = "slots_pinned_error"
+    status = 409
+
+    def __init__(self, pool: str):
+        super().__init__(f"All loaded models of type {pool} are pinned. Unload a model first.")
+
+
+class ModelBusyError(LemonadeError):
+    """A load needs a slot, and the models that could give one up kept serving requests."""
+
+    error_type = "model_busy"
+    status = 503

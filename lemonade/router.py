@@ -1,209 +1,356 @@
-"""Which model is loaded, and the load / unload / auto-load decisions (C++ `server/router.cpp`).
+"""Which models are loaded, and the load / evict / unload decisions (C++ `server/router.cpp`; several
+models resident as lemonade HEAD, spec head-llm-surface.md §3).
 
-State: a table of loaded backends keyed by model name, with an in-flight count per backend.
-  * `_table` (a Condition) guards the table and the counts; it is never held across I/O.
-  * `_load_lock` serialises loads, like C++ B's `is_loading` flag: it is held while a backend starts
-    (which can take minutes) but never while a request is proxied, so traffic to a loaded model flows
-    during another model's load until that load evicts it.
-The GA policy (at most one model; a new load replaces the old) lives in the pure function
-`models_to_evict`, so later policies change that function, not this structure.
+State: a table of slots keyed by model name, one slot per loaded (or loading) model, each with its
+backend, model type, pin, in-flight count and time of last use.
+  * `_table` (a Condition) guards the table and every slot's counters; it is never held across I/O
+    (no download, no start, no stop, no proxied request).
+  * One lock per model name serialises the loads of that model, so concurrent requests share one
+    load and loads of different models run side by side. The backend's own `ensure_ready` does the
+    rest of the waiting (`wrapped_server`).
+Decisions are pure functions, table-tested and free of logging (llama-swap's `EvictionFor`):
+`plan_eviction` (which slots give way to a load: least recently used first, never a busy or pinned
+one) and `idle_victims` (the idle unload). The log line comes when a decision is carried out.
+Limits: `max_loaded` models per type (llm, embedding, reranking; -1 = unlimited; 1 keeps C++ GA's
+one-model behaviour for chat models) and an optional idle timeout.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
-from lemonade.backends.llamacpp_server import LlamaCppOptions, LlamaCppServer
-from lemonade.error_types import (InvalidRequestError, ModelNotLoadedError, ProcessError,
-                                  UnsupportedOperationError)
+from lemonade.backends.llamacpp_server import LlamaCppOptions
+from lemonade.backends.registry import RecipeSpec, spec_for
+from lemonade.error_types import (ModelBusyError, ModelNotLoadedError, ModelNotLoadedNamedError,
+                                  NoModelError, ProcessError, SlotsPinnedError)
 from lemonade.model_manager import ModelInfo, ModelManager
-from lemonade.utils import http_client, path_utils
-from lemonade.wrapped_server import WrappedServer
+from lemonade.utils import path_utils
+from lemonade.wrapped_server import BackendCall, ReplySink, WrappedServer
 
 log = logging.getLogger(__name__)
 
-MAX_LOADED_MODELS = 1  # C++ GA: one backend child at a time
-EVICT_DRAIN_TIMEOUT = 300.0  # how long a load waits for requests on the model it evicts
+DEFAULT_MAX_LOADED = 1  # per model type (HEAD `max_loaded_models`; GA: one model)
+SLOT_WAIT_DEFAULT = 300.0  # how long a load waits for busy models to finish: `$LEMONADE_BACKEND_TIMEOUT`
+IDLE_CHECK_MAX_INTERVAL = 5.0  # the idle reaper looks at least this often (HEAD's eviction pass: 5 s)
+RESIDENCY_CLASS = "standard"  # HEAD's pools are (type, residency class); every model here is standard
 
 
-def models_to_evict(target: str, loaded: list[str], max_loaded: int = MAX_LOADED_MODELS) -> list[str]:
-    """Names to unload before `target` can be loaded (oldest first). Pure: no state, no logging."""
-    others = [name for name in loaded if name != target]
-    excess = len(others) + 1 - max_loaded
-    return others[:excess] if excess > 0 else []
+@dataclass(frozen=True)
+class Limits:
+    max_loaded: int = DEFAULT_MAX_LOADED  # per model type; -1 means unlimited
+    idle_timeout: float = 0.0  # seconds without a request before a model is unloaded; 0 = never
+
+
+@dataclass(frozen=True)
+class SlotView:
+    """What the pure decisions see of a slot."""
+
+    name: str
+    model_type: str
+    last_use: float
+    busy: bool  # serving a request, or still loading
+    pinned: bool
+
+
+@dataclass(frozen=True)
+class EvictionPlan:
+    victims: tuple[str, ...] = ()  # unload these (oldest use first), then load
+    wait_for: tuple[str, ...] = ()  # nothing can go yet: wait until one of these is idle
+    pinned_full: bool = False  # every model that would have to go is pinned: refuse
+
+
+def plan_eviction(target: str, target_type: str, slots: list[SlotView], limit: int) -> EvictionPlan:
+    """Room for `target` in its type's pool: the least recently used unpinned, idle models give way.
+    Pure: no state, no logging (it runs again after every wait)."""
+    peers = [s for s in slots if s.model_type == target_type and s.name != target]
+    if limit < 0 or len(peers) < limit:
+        return EvictionPlan()
+    need = len(peers) + 1 - limit
+    candidates = sorted((s for s in peers if not s.pinned), key=lambda s: s.last_use)
+    if len(candidates) < need:
+        return EvictionPlan(pinned_full=True)
+    idle = [s for s in candidates if not s.busy]
+    if len(idle) >= need:
+        return EvictionPlan(victims=tuple(s.name for s in idle[:need]))
+    return EvictionPlan(wait_for=tuple(s.name for s in candidates if s.busy))
+
+
+def idle_victims(slots: list[SlotView], now: float, idle_timeout: float) -> list[str]:
+    """Models unused for `idle_timeout` seconds that are neither busy nor pinned. Pure."""
+    if idle_timeout <= 0:
+        return []
+    return [s.name for s in slots if not s.busy and not s.pinned and now - s.last_use >= idle_timeout]
 
 
 @dataclass
-class _Entry:
+class Slot:
     info: ModelInfo
     backend: WrappedServer
+    pinned: bool = False
+    loading: bool = True
     in_flight: int = 0
+    streams: int = 0
+    last_use: float = field(default_factory=time.monotonic)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def model_type(self) -> str:
+        return self.info.model_type
+
+    def view(self) -> SlotView:
+        return SlotView(self.name, self.model_type, self.last_use, self.loading or self.in_flight > 0,
+                        self.pinned)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A snapshot of one loaded model, for `/health` and `/api/ps`."""
+
+    info: ModelInfo
+    backend: WrappedServer
+    pinned: bool
+    in_flight: int
+    streams: int
+    last_use: float
 
 
 class Router:
-    def __init__(self, models: ModelManager, llamacpp: LlamaCppOptions):
+    def __init__(self, models: ModelManager, options: LlamaCppOptions, limits: Limits = Limits(),
+                 recipes: Callable[[str], RecipeSpec] = spec_for):
         self.models = models
-        self.llamacpp = llamacpp
-        self._table = threading.Condition()  # guards _loaded, in-flight counts, _closed
-        self._loaded: dict[str, _Entry] = {}
-        self._load_lock = threading.Lock()  # serialises loads; see module docstring
+        self.options = options
+        self.limits = limits
+        self.recipes = recipes
+        self._table = threading.Condition()  # guards _slots, every slot's fields, _closed
+        self._slots: dict[str, Slot] = {}
         self._closed = False
+        self._load_locks: dict[str, threading.Lock] = {}  # one per model name; guarded by _table
+        if limits.idle_timeout > 0:
+            threading.Thread(target=self._unload_idle_forever, name="idle-unload", daemon=True).start()
 
-    # -- queries -----------------------------------------------------------------------------------
+    # -- questions ---------------------------------------------------------------------------------
 
-    def loaded(self) -> ModelInfo | None:
-        """The loaded model (the most recent when a policy allows several)."""
+    def loaded(self) -> list[LoadedModel]:
+        """Ready models, most recently used first. Asking does not count as a use."""
         with self._table:
-            entries = list(self._loaded.values())
-        return entries[-1].info if entries else None
+            slots = [s for s in self._slots.values() if not s.loading]
+            snapshot = [LoadedModel(s.info, s.backend, s.pinned, s.in_flight, s.streams, s.last_use)
+                        for s in sorted(slots, key=lambda s: s.last_use, reverse=True)]
+        return [m for m in snapshot if m.backend.is_ready()]  # a dead child is not loaded
 
-    def loaded_backend(self) -> WrappedServer | None:
-        with self._table:
-            entries = list(self._loaded.values())
-        return entries[-1].backend if entries else None
+    def most_recent(self) -> ModelInfo | None:
+        models = self.loaded()
+        return models[0].info if models else None
 
-    # -- use and load ------------------------------------------------------------------------------
+    def telemetry(self) -> dict[str, Any]:
+        """`/stats`: the figures of the most recently used model (C++ has one model)."""
+        models = self.loaded()
+        if not models:
+            raise ModelNotLoadedError()
+        return models[0].backend.telemetry.to_dict()
 
-    @contextlib.contextmanager
-    def use(self, name: str | None) -> Iterator[WrappedServer]:
-        """Yield a ready backend for `name` (None: the loaded model), loading it first if needed.
+    # -- load and use ------------------------------------------------------------------------------
 
-        The backend cannot be evicted while the caller holds it. Raises ModelNotFoundError,
-        InvalidRequestError (no model given, none loaded) or load errors.
-        """
+    def load(self, name: str, pinned: bool | None = None,
+             progress: Callable | None = None) -> tuple[ModelInfo, bool]:
+        """Load `name` unless it is loaded; returns (info, was_already_loaded). `pinned` sets the pin
+        (None keeps it). Blocks for a download and a start. Raises ModelNotFoundError,
+        SlotsPinnedError, ModelBusyError, download and start errors."""
+        slot, already = self._acquire(name, progress, for_request=False, pinned=pinned)
+        return slot.info, already
+
+    def forward(self, name: str | None, call: BackendCall, sink: ReplySink,
+                progress: Callable | None = None) -> None:
+        """Send `call` to model `name` (None: the most recently used model), loading it first if
+        needed, and deliver the answer to `sink`. The model cannot be evicted while this runs.
+        Raises NoModelError, the load errors, and the backend's (see `WrappedServer.forward`)."""
         if name is None:
-            current = self.loaded()
+            current = self.most_recent()
             if current is None:
-                raise InvalidRequestError("No model loaded and no model specified in request")
+                raise NoModelError()
             name = current.name
-        entry, _ = self._ensure_loaded(name, acquire=True)
+        slot, _ = self._acquire(name, progress, for_request=True, stream=call.stream)
         try:
-            yield entry.backend
+            slot.backend.forward(call, sink)
         finally:
             with self._table:
-                entry.in_flight -= 1
+                slot.in_flight -= 1
+                slot.streams -= 1 if call.stream else 0
+                slot.last_use = time.monotonic()
                 self._table.notify_all()
 
-    def load(self, name: str) -> tuple[ModelInfo, bool]:
-        """Load `name` if it is not loaded; returns (info, was_already_loaded). Blocks for the load."""
-        entry, already = self._ensure_loaded(name, acquire=False)
-        return entry.info, already
+    def _acquire(self, name: str, progress: Callable | None, for_request: bool, stream: bool = False,
+                 pinned: bool | None = None) -> tuple[Slot, bool]:
+        """The ready slot of `name`, counted as in use when `for_request`; (slot, was_loaded)."""
+        slot = self._take_if_ready(name, for_request, stream, pinned)
+        if slot is not None:
+            return slot, True
+        with self._load_lock(name):
+            slot = self._take_if_ready(name, for_request, stream, pinned)  # loaded by another meanwhile
+            if slot is not None:
+                return slot, True
+            slot = self._load(name, progress, pinned)
+            with self._table:
+                if self._slots.get(name) is not slot:  # unloaded the moment it became ready
+                    raise ProcessError(f"Model {name} was unloaded while it loaded")
+                self._use(slot, for_request, stream, pinned)
+            return slot, False
 
-    def _acquire_if_ready(self, name: str, acquire: bool) -> _Entry | None:
+    def _take_if_ready(self, name: str, for_request: bool, stream: bool, pinned: bool | None) -> Slot | None:
         with self._table:
-            entry = self._loaded.get(name)
-            if entry is not None and entry.backend.is_alive():
-                if acquire:
-                    entry.in_flight += 1
-                return entry
-        return None
+            slot = self._slots.get(name)
+            if slot is None or slot.loading or not slot.backend.is_ready():
+                return None
+            self._use(slot, for_request, stream, pinned)
+            return slot
 
-    def _ensure_loaded(self, name: str, acquire: bool) -> tuple[_Entry, bool]:
-        entry = self._acquire_if_ready(name, acquire)
-        if entry is not None:
-            return entry, True
-        with self._load_lock:
-            # Re-check under the load lock: a concurrent request may have loaded it meanwhile.
-            entry = self._acquire_if_ready(name, acquire)
-            if entry is not None:
-                return entry, True
-            self._drop_dead(name)
-            info = self.models.get_model(name)
-            if not self.models.is_downloaded(info):
-                log.info("Model %s is not downloaded; pulling it", name)
-                self.models.download(name, do_not_upgrade=True)
+    @staticmethod
+    def _use(slot: Slot, for_request: bool, stream: bool, pinned: bool | None) -> None:
+        """Stamp a use (under _table): health polls never get here, so they keep models idle."""
+        slot.last_use = time.monotonic()
+        if pinned is not None:
+            slot.pinned = pinned
+        if for_request:
+            slot.in_flight += 1
+            slot.streams += 1 if stream else 0
+
+    def _load_lock(self, name: str) -> threading.Lock:
+        with self._table:
+            return self._load_locks.setdefault(name, threading.Lock())
+
+    def _load(self, name: str, progress: Callable | None, pinned: bool | None) -> Slot:
+        """Download if needed, make room, start. Runs under `name`'s load lock only."""
+        info = self.models.get_model(name)
+        self._drop_dead(name)
+        files = self.models.model_files(info)
+        if files is None:
+            log.info("Model %s is not downloaded; pulling it", name)
+            self.models.download(name, do_not_upgrade=True, progress=progress)
+            files = self.models.model_files(info)
+            if files is None:
+                raise ProcessError(f"Model {name} was pulled but its files are not complete in the cache")
+        backend = self.recipes(info.recipe).make_backend(info, files, self.options)
+        slot = Slot(info, backend, pinned=bool(pinned))
+        self._make_room(slot)
+        log.info("Loading model %s (%s)", name, info.checkpoint)
+        try:
+            backend.ensure_ready(progress)
+        except BaseException:
             with self._table:
-                victims = models_to_evict(name, list(self._loaded))
-            for victim in victims:
-                self._evict(victim)
-            backend = self._make_backend(info)
-            log.info("Loading model %s (%s)", name, info.checkpoint)
-            backend.load()
-            with self._table:
-                if self._closed:  # shutdown began while we were loading
-                    backend_to_stop = backend
-                else:
-                    backend_to_stop = None
-                    entry = _Entry(info, backend, in_flight=1 if acquire else 0)
-                    self._loaded[name] = entry
-            if backend_to_stop is not None:
-                backend_to_stop.unload()
-                raise ProcessError("Server is shutting down")
-            return entry, False
+                if self._slots.get(name) is slot:
+                    del self._slots[name]
+                self._table.notify_all()
+            raise
+        with self._table:
+            slot.loading = False
+            slot.last_use = time.monotonic()
+            self._table.notify_all()
+        return slot
 
     def _drop_dead(self, name: str) -> None:
+        """A slot whose child died (kill -9, crash) is removed and its child reaped; only that model
+        is loaded again."""
         with self._table:
-            entry = self._loaded.get(name)
-            if entry is None or entry.backend.is_alive():
+            slot = self._slots.get(name)
+            if slot is None or slot.loading or slot.backend.is_ready():
                 return
-            del self._loaded[name]
-        code = entry.backend.child.exit_code() if entry.backend.child else None
-        log.warning("Backend for %s died (exit code %s); reloading", name, code)
-        entry.backend.unload()
+            del self._slots[name]
+            self._table.notify_all()
+        log.warning("Backend for %s died (exit code %s); loading it again", name, slot.backend.exit_code())
+        slot.backend.stop()
 
-    def _evict(self, name: str) -> None:
-        """Unload `name` once its in-flight requests are done (bounded wait, then cut)."""
-        deadline = time.monotonic() + EVICT_DRAIN_TIMEOUT
+    def _make_room(self, slot: Slot) -> None:
+        """Reserve `slot` in the table, unloading what the eviction plan names. Waits (bounded, the
+        table lock released) while the models that would have to go are busy."""
+        wait_limit = path_utils.backend_timeout(SLOT_WAIT_DEFAULT)
+        deadline = time.monotonic() + wait_limit
         with self._table:
-            entry = self._loaded.get(name)
-            if entry is None:
-                return
-            while entry.in_flight > 0 and time.monotonic() < deadline:
-                self._table.wait(timeout=max(0.0, deadline - time.monotonic()))
-            if entry.in_flight > 0:
-                log.warning("Evicting %s with %d request(s) still running", name, entry.in_flight)
-            self._loaded.pop(name, None)
-        log.info("Unloading model %s to make room", name)
-        entry.backend.unload()
+            while True:
+                if self._closed:
+                    raise ProcessError("Server is shutting down")
+                views = [s.view() for s in self._slots.values()]
+                plan = plan_eviction(slot.name, slot.model_type, views, self.limits.max_loaded)
+                if plan.pinned_full:
+                    raise SlotsPinnedError(f"{RESIDENCY_CLASS}/{slot.model_type}")
+                if not plan.wait_for:
+                    victims = [self._slots.pop(v) for v in plan.victims]
+                    self._slots[slot.name] = slot
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ModelBusyError(
+                        f"Cannot load {slot.name}: the loaded {slot.model_type} model(s) "
+                        f"{', '.join(plan.wait_for)} stayed busy for {wait_limit:g} s and the limit is "
+                        f"{self.limits.max_loaded} per type; try again when they are idle")
+                self._table.wait(remaining)
+        for victim in victims:
+            log.info("Unloading %s (least recently used %s model) to load %s", victim.name,
+                     victim.model_type, slot.name)
+            victim.backend.stop()
 
-    def _make_backend(self, info: ModelInfo) -> WrappedServer:
-        if info.recipe == "flm":
-            from lemonade.backends.fastflowlm_server import FastFlowLMServer
+    # -- unload and pin ----------------------------------------------------------------------------
 
-            return FastFlowLMServer(info.name, info.checkpoint, info.recipe, self.llamacpp.ctx_size)
-        if info.recipe.startswith("oga-") or info.recipe == "ryzenai":
-            raise UnsupportedOperationError(f"Recipe {info.recipe} is not supported by this server")
-        gguf = self.models.resolved_path(info)
-        if gguf is None:
-            raise ProcessError(f"GGUF file not found for checkpoint: {info.checkpoint}")
-        template = path_utils.resource_path(info.chat_template) if info.chat_template else None
-        return LlamaCppServer(info.name, info.checkpoint, info.recipe, gguf, info.labels,
-                              self.models.mmproj_path(info), self.llamacpp, template)
-
-    # -- unload and shutdown -----------------------------------------------------------------------
-
-    def unload(self) -> None:
-        """Stop every loaded backend at once (C++ `/unload`: running requests are cut)."""
+    def unload(self, name: str | None = None) -> None:
+        """Stop one model (raises ModelNotLoadedNamedError if it is not loaded) or every model.
+        Running requests on it are cut, as C++ `/unload` does."""
         with self._table:
-            entries = list(self._loaded.values())
-            self._loaded.clear()
-        for entry in entries:
-            log.info("Unloading model %s", entry.info.name)
-            entry.backend.unload()
+            if name is None:
+                slots = list(self._slots.values())
+                self._slots.clear()
+            elif name in self._slots:
+                slots = [self._slots.pop(name)]
+            else:
+                raise ModelNotLoadedNamedError(name)
+            self._table.notify_all()
+        for slot in slots:
+            log.info("Unloading model %s", slot.name)
+            slot.backend.stop()
+
+    def set_pinned(self, name: str, pinned: bool) -> None:
+        """Pin (never evicted, never idle-unloaded) or unpin a loaded model."""
+        with self._table:
+            slot = self._slots.get(name)
+            if slot is None:
+                raise ModelNotLoadedNamedError(name)
+            slot.pinned = pinned
+            self._table.notify_all()
+        log.info("Model %s %s", name, "pinned" if pinned else "unpinned")
+
+    def pinned_count(self) -> dict[str, int]:
+        with self._table:
+            counts: dict[str, int] = {}
+            for slot in self._slots.values():
+                if slot.pinned:
+                    counts[slot.model_type] = counts.get(slot.model_type, 0) + 1
+            return counts
 
     def shutdown(self) -> None:
         """Refuse further loads and stop every backend; a load finishing later stops its own child."""
         with self._table:
             self._closed = True
+            self._table.notify_all()
         self.unload()
 
-    # -- forwarding --------------------------------------------------------------------------------
+    # -- idle unload -------------------------------------------------------------------------------
 
-    def forward(self, backend: WrappedServer, endpoint: str, body: dict, raw: bytes | None = None,
-                telemetry: bool = True) -> http_client.JsonReply:
-        """Non-streaming call (`raw`: the client's bytes of `body`, forwarded when nothing rewrites
-        it); successful completions update the backend's telemetry (C++ B §6)."""
-        reply = backend.forward_json(endpoint, body, raw)
-        if telemetry and reply.status == 200 and isinstance(reply.body, dict):
-            backend.telemetry.update(reply.body, streaming=False)
-        return reply
-
-    def telemetry(self) -> dict:
-        backend = self.loaded_backend()
-        if backend is None:
-            raise ModelNotLoadedError()
-        return backend.telemetry.to_dict()
+    def _unload_idle_forever(self) -> None:
+        timeout = self.limits.idle_timeout
+        interval = min(IDLE_CHECK_MAX_INTERVAL, max(timeout / 4, 0.05))
+        while True:
+            with self._table:
+                self._table.wait(interval)
+                if self._closed:
+                    return
+                names = idle_victims([s.view() for s in self._slots.values()], time.monotonic(), timeout)
+                slots = [self._slots.pop(n) for n in names]
+                if slots:
+                    self._table.notify_all()
+            for slot in slots:
+                log.info("Unloading model %s after %.0f s without a request", slot.name, timeout)
+                slot.backend.stop()

@@ -25,6 +25,9 @@ LIST_TIMEOUT = 30.0
 STOP_WAIT = 5.0  # C++ terminate wait: 50 polls of 100 ms (tray_app.cpp L1283-1310)
 STOP_POLL = 0.1
 RULE = "-" * 100
+PULL_USAGE = "pull <model_name> [--checkpoint CHECKPOINT] [--recipe RECIPE] [--reasoning] [--vision] [--mmproj MMPROJ]"
+DELETE_USAGE = "delete <model_name>"
+RUN_USAGE = "run <model_name>"
 
 
 class HttpFailure(Exception):
@@ -194,9 +197,9 @@ def format_model_table(entries: list[dict]) -> str:
 
 
 def _local_model_entries() -> list[dict]:
-    from lemonade.model_manager import ModelManager
+    from lemonade.backends import registry
 
-    models = ModelManager()
+    models = registry.model_manager()
     models.seed_embedded()
     return [{"id": name, "downloaded": models.is_downloaded(info), "recipe": info.recipe}
             for name, info in sorted(models.supported_models().items())]
@@ -252,7 +255,6 @@ def pull_body(name: str, options: list[str]) -> dict[str, Any]:
 
 def pull(config, positionals: list[str], prog: str) -> int:
     """cli.md §6 pull. Through the discovered server, else in this process with a progress display."""
-    from lemonade.cli_parser import PULL_USAGE
     from lemonade.error_types import LemonadeError
 
     if not positionals:
@@ -270,9 +272,9 @@ def pull(config, positionals: list[str], prog: str) -> int:
                 print("Failed to pull model", file=sys.stderr)
                 return 1
         else:
-            from lemonade.model_manager import ModelManager
+            from lemonade.backends import registry
 
-            ModelManager().download(model, checkpoint=body.get("checkpoint", ""),
+            registry.model_manager().download(model, checkpoint=body.get("checkpoint", ""),
                                     recipe=body.get("recipe", ""), reasoning=bool(body.get("reasoning")),
                                     vision=bool(body.get("vision")), mmproj=body.get("mmproj", ""),
                                     progress=_progress_printer())
@@ -339,7 +341,6 @@ def _progress_printer():
 
 def delete(config, positionals: list[str], prog: str) -> int:
     """cli.md §6 delete. Through the discovered server, else in this process."""
-    from lemonade.cli_parser import DELETE_USAGE
     from lemonade.error_types import LemonadeError
 
     if not positionals:
@@ -354,9 +355,9 @@ def delete(config, positionals: list[str], prog: str) -> int:
                 print("Failed to delete model", file=sys.stderr)
                 return 1
         else:
-            from lemonade.model_manager import ModelManager
+            from lemonade.backends import registry
 
-            ModelManager().delete(model)
+            registry.model_manager().delete(model)
     except (HttpFailure, LemonadeError) as e:
         print(f"Error deleting model: {e}", file=sys.stderr)
         return 1
@@ -370,7 +371,7 @@ def delete(config, positionals: list[str], prog: str) -> int:
 def _check_backend(config) -> bool:
     """C++ passes `--llamacpp` on unchecked and the router rejects it (exit 105), so start-up fails;
     we say why at once."""
-    from lemonade.cli_parser import LLAMACPP_BACKENDS
+    from lemonade.backends import LLAMACPP_BACKENDS
 
     if config.llamacpp in LLAMACPP_BACKENDS:
         return True
@@ -388,7 +389,7 @@ def _take_server_lock(prog: str) -> bool:
 
 def serve(config, prog: str) -> int:
     """cli.md §6 serve: the persistent server, in this process, until Ctrl+C, SIGTERM or /internal/shutdown."""
-    from lemonade.cli_parser import configure_logging
+    from lemonade.logging_config import configure_logging
     from lemonade.server import run_server
 
     if not _take_server_lock(prog):
@@ -408,7 +409,7 @@ def run(config, positionals: list[str], prog: str) -> int:
     URL is printed). The name is checked before anything starts (C++ starts the server first)."""
     import threading
 
-    from lemonade.cli_parser import RUN_USAGE, configure_logging
+    from lemonade.logging_config import configure_logging
     from lemonade.server import run_server
 
     if not positionals:
@@ -443,3 +444,46 @@ def run(config, positionals: list[str], prog: str) -> int:
 
     code = run_server(config, on_ready=after_start, persistent=True)
     return outcome["code"] or code
+
+
+# -- load / unload / pin / unpin (ours, as lemonade HEAD's CLI: head-llm-surface.md §1.3) ---------
+
+RESIDENCY_USAGE = {"load": "load <model_name> [--pinned]", "unload": "unload [<model_name>]",
+                   "pin": "pin <model_name>", "unpin": "unpin <model_name>"}
+
+
+def residency_command(command: str, positionals: list[str], prog: str) -> int:
+    """Ask the running server to load, unload, pin or unpin a model. Exit 1 when no server runs,
+    the name is missing, or the server refuses (its message is printed)."""
+    names = [p for p in positionals if not p.startswith("--")]
+    flags = {p for p in positionals if p.startswith("--")}
+    if command != "unload" and not names:
+        return _usage_error(prog, RESIDENCY_USAGE[command])
+    unknown = flags - ({"--pinned"} if command == "load" else set())
+    if unknown:
+        print(f"Error: unknown option {sorted(unknown)[0]} for {command}", file=sys.stderr)
+        print(f"Usage: {prog} {RESIDENCY_USAGE[command]}", file=sys.stderr)
+        return 1
+    info = single_instance.find_server()
+    if info is None:
+        print(f"Error: no server is running (start one with `{prog} serve`)", file=sys.stderr)
+        return 1
+    name = names[0] if names else None
+    if command == "load":
+        path, body, timeout = "/api/v1/load", {"model_name": name}, PULL_TIMEOUT
+        if "--pinned" in flags:
+            body["pinned"] = True
+    elif command == "unload":
+        path, body, timeout = "/api/v1/unload", ({"model_name": name} if name else {}), LIST_TIMEOUT
+    else:
+        path, body, timeout = "/internal/pin", {"model_name": name, "pinned": command == "pin"}, LIST_TIMEOUT
+    try:
+        request(*_target(info), "POST", path, body, timeout=timeout)
+    except HttpFailure as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    done = {"load": f"Model loaded: {name}" + (" (pinned)" if "--pinned" in flags else ""),
+            "unload": f"Model unloaded: {name}" if name else "All models unloaded",
+            "pin": f"Model pinned: {name}", "unpin": f"Model unpinned: {name}"}
+    print(done[command])
+    return 0

@@ -1,8 +1,11 @@
 """Relay an SSE response from a backend to the client (C++ `server/streaming_proxy.cpp`, spec §6).
 
 Bytes go through untouched, one write per received chunk, nothing collected: only a bounded tail is
-kept to read the last frame's `usage`/`timings` for telemetry. If the backend ends without
-`data: [DONE]` (also when it dies mid-stream) the marker is appended, as C++ does.
+kept to read the last frame's `usage`/`timings` for telemetry. A backend that ends its stream cleanly
+without `data: [DONE]` gets the marker appended, as C++ does. A stream the backend breaks off (it died,
+was unloaded, or the connection failed) is reported to the caller instead, who ends it with an error
+frame and no `[DONE]`, so a client never mistakes a cut answer for a complete one (C++ appends
+`[DONE]` there too; see CMake-parity-docs/streaming_proxy.md).
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from lemonade.error_types import NetworkError
+from lemonade.error_types import LemonadeError, NetworkError
 from lemonade.utils import http_client
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,7 @@ class RelayResult:
     completed: bool  # False when the client went away
     saw_done: bool
     last_stats_frame: dict[str, Any] | None
+    error: LemonadeError | None = None  # the backend broke the stream off
 
 
 class ClientGone(Exception):
@@ -40,11 +44,13 @@ def relay(response: http_client.BackendResponse, write: Callable[[bytes], None])
 
     `write` sends one chunk to the client (already framed by the caller) and raises ClientGone when
     the client has disconnected. The upstream response is always closed, which makes llama-server
-    stop generating for a client that left.
+    stop generating for a client that left. A broken-off stream returns with `error` set and nothing
+    appended.
     """
     recent: collections.deque = collections.deque(maxlen=TAIL_CHUNKS)  # no copying per chunk
     seam = b""  # the end of the previous chunk, for a marker split across two chunks
     saw_done = False
+    error: LemonadeError | None = None
     try:
         try:
             for chunk in http_client.iter_chunks(response):
@@ -55,11 +61,15 @@ def relay(response: http_client.BackendResponse, write: Callable[[bytes], None])
                 if not saw_done:
                     saw_done = _DONE in chunk or _DONE in seam + chunk[:len(_DONE)]
                     seam = chunk[-len(_DONE):]
-        except (NetworkError, OSError) as e:
-            # A backend that drops mid-stream ends the stream normally (C++ treats curl's
-            # partial-file/recv errors as success).
-            log.warning("Backend stream ended early: %s", e)
-        if not saw_done:
+        except NetworkError as e:
+            error = e
+        except OSError as e:
+            error = NetworkError(str(e) or type(e).__name__)
+        if error is not None and saw_done:
+            error = None  # the answer was complete; only the connection's end was untidy
+        if error is not None:
+            log.warning("Backend stream broke off: %s", error.message)
+        elif not saw_done:
             log.debug("Backend stream had no [DONE]; appending it")
             write(DONE_FRAME)
     except ClientGone:
@@ -67,7 +77,7 @@ def relay(response: http_client.BackendResponse, write: Callable[[bytes], None])
         return RelayResult(False, saw_done, None)
     finally:
         response.close()
-    return RelayResult(True, saw_done, last_stats_frame(b"".join(recent)[-TAIL_BYTES:]))
+    return RelayResult(True, saw_done, last_stats_frame(b"".join(recent)[-TAIL_BYTES:]), error)
 
 
 def last_stats_frame(tail: bytes) -> dict[str, Any] | None:

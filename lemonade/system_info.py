@@ -1,4 +1,7 @@
-"""OS, CPU, memory and device detection, and which recipes can run here (C++ `server/system_info.cpp`).
+"""OS, CPU, memory and device detection (C++ `server/system_info.cpp`).
+
+Which recipes can run here and each engine's status are the recipe specs' answers
+(`lemonade.backends.registry`), built on the hardware facts this module gives; it imports no backend.
 
 Contract: spec system-info.md. Detection shells out to the same tools as C++ (`lscpu`, `lspci`,
 `nvidia-smi`, `rocm-smi`, `vulkaninfo`; WMI via PowerShell on Windows) but with argv lists, a short
@@ -14,11 +17,10 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lemonade.utils import path_utils
 from lemonade.utils.json_utils import read_json, write_json_atomic
@@ -32,7 +34,6 @@ ENV_CI_MODE = "LEMONADE_CI_MODE"  # any value, even empty, disables the cache (s
 ENV_SKIP_PROCESSOR_CHECK = "RYZENAI_SKIP_PROCESSOR_CHECK"
 PROBE_TIMEOUT_S = 5.0  # one detection command; a hung driver tool must not hang /system-info
 SUMMARY_KEYS = ("OS Version", "Processor", "Physical Memory", "devices")
-NPU_RECIPES = {"flm", "oga-npu", "oga-hybrid", "oga-cpu"}
 # Lower-cased name fragments that make an AMD GPU "discrete" (spec §3.2).
 AMD_DISCRETE_HINTS = ("rx ", "xt", "pro w", "pro v", "radeon pro", "firepro", "fury")
 VULKAN_LIBS = (
@@ -42,12 +43,6 @@ VULKAN_LIBS = (
     "/usr/lib64/libvulkan.so.1",  # ours: Fedora/openSUSE and arm64 Debian, which C++ left to vulkaninfo
     "/usr/lib/aarch64-linux-gnu/libvulkan.so.1",
 )
-ENGINE_TYPES = {  # which engines each device type reports (spec §5)
-    "llamacpp-vulkan": {"cpu", "amd_igpu", "amd_dgpu", "nvidia_dgpu"},
-    "llamacpp-rocm": {"amd_igpu", "amd_dgpu"},
-    "flm": {"npu"} if sys.platform == "win32" else set(),
-    "oga": {"cpu", "amd_igpu", "amd_dgpu", "npu"},
-}
 
 
 def _os_family() -> str:
@@ -270,9 +265,10 @@ def _macos_devices() -> dict[str, Any]:
             "npu": {**stub, "error": "macOS NPU detection not implemented yet"}}
 
 
-# ---------------------------------------------------------------- inference engines (§5) ----------
+# ---------------------------------------------------------------- hardware facts engines need ------
 
-def _vulkan_present() -> bool:
+def vulkan_present() -> bool:
+    """A Vulkan loader is installed (system-info.md §5): the library files, else `vulkaninfo`."""
     if sys.platform == "win32":
         root = os.environ.get("SystemRoot", r"C:\Windows")
         return any(Path(root, d, "vulkan-1.dll").exists() for d in ("System32", "SysWOW64"))
@@ -281,65 +277,9 @@ def _vulkan_present() -> bool:
     return bool((_run(["vulkaninfo", "--summary"]) or "").strip())
 
 
-def _llama_server(backend: str) -> Path | None:
-    # Report against wherever llama-server really is. C++ B looks in the A-era layout and so says
-    # "binaries not installed" even when it is installed (spec §5). Lazy: backends import heavier code.
-    from lemonade.backends.llamacpp_server import find_llama_server_or_none
-    return find_llama_server_or_none(backend)
-
-
-def _llama_version(binary: Path) -> str:
-    """version.txt in the binary's dir or the install dir above it (`<dir>/{.,bin,build/bin}/`)."""
-    dirs = [binary.parent, binary.parent.parent]
-    if binary.parent.name == "bin" and binary.parent.parent.name == "build":
-        dirs.append(binary.parent.parent.parent)
-    for d in dirs:
-        try:
-            return (d / "version.txt").read_text().strip()
-        except OSError:
-            continue
-    return "unknown"
-
-
-def _llamacpp_engine(backend: str, supported: bool) -> dict[str, Any]:
-    if not supported:
-        return {"available": False, "error": f"{backend} not available"}
-    binary = _llama_server(backend)
-    if binary is None:
-        return {"available": False, "error": f"{backend} binaries not installed"}
-    return {"available": True, "backend": backend, "version": _llama_version(binary)}
-
-
-def _oga_installed() -> bool:
-    # POSIX: relative to the working directory, as C++ does (spec §9); Windows: the exe dir.
-    exe = "ryzenai-server.exe" if sys.platform == "win32" else "ryzenai-server"
-    base = path_utils.executable_dir() if sys.platform == "win32" else Path.cwd()
-    rel = [Path("../../../ryzenai-server/build/bin/Release") / exe, Path("ryzenai-server") / exe]
-    return shutil.which("ryzenai-server") is not None or any((base / p).is_file() for p in rel)
-
-
-def _flm_engine() -> dict[str, Any]:
-    found = path_utils.flm_override() or shutil.which("flm") or next(
-        (p for p in (r"C:\Program Files\AMD\FLM\flm.exe", r"C:\Program Files (x86)\AMD\FLM\flm.exe")
-         if Path(p).is_file()), None)
-    if not found:
-        return {"available": False, "version": "unknown"}
-    m = re.search(r"FLM v(\S+)", _run([str(found), "version"]) or "")
-    return {"available": True, "version": m.group(1) if m else "unknown"}
-
-
-def detect_inference_engines(device_type: str, device_name: str) -> dict[str, Any]:
-    """The `inference_engines` object for one device (spec §5). Blocks on file and tool probes."""
-    engines: dict[str, Any] = {}
-    if device_type in ENGINE_TYPES["llamacpp-vulkan"]:
-        engines["llamacpp-vulkan"] = _llamacpp_engine("vulkan", device_type == "cpu" or _vulkan_present())
-    if device_type in ENGINE_TYPES["llamacpp-rocm"]:
-        engines["llamacpp-rocm"] = _llamacpp_engine("rocm", bool(rocm_arch_for_gpu(device_name)))
-    if device_type in ENGINE_TYPES["flm"]:
-        engines["flm"] = _flm_engine()
-    if device_type in ENGINE_TYPES["oga"]:
-        engines["oga"] = {"available": _oga_installed()}
-    return engines
+def run_tool(argv: list[str]) -> str | None:
+    """stdout of a quick probe command (C locale, bounded), or None; for engine version probes."""
+    return _run(argv)
 
 
 def rocm_arch_for_gpu(name: str) -> str:
@@ -404,19 +344,29 @@ def _hardware() -> dict[str, Any]:
     return devices
 
 
-def get_system_info(verbose: bool = False) -> dict[str, Any]:
-    """The /system-info response body (spec §1-§3). Blocks on detection when the cache is cold."""
+EnginesOf = Callable[[str, str], dict]  # (device type, device name) -> that device's inference_engines
+
+
+def _no_engines(device_type: str, device_name: str) -> dict:
+    return {}
+
+
+def get_system_info(verbose: bool = False, engines: EnginesOf = _no_engines) -> dict[str, Any]:
+    """The /system-info response body (spec §1-§3). Blocks on detection when the cache is cold.
+
+    `engines` fills each device's `inference_engines`; the server passes
+    `lemonade.backends.registry.inference_engines` (this module knows hardware, not backends)."""
     devices = copy.deepcopy(_hardware())
     # Engines are recomputed every call (§1 step 4). Placeholder dGPUs (name "") are skipped, so they
     # keep `inference_engines: null` on an uncached call and lack the key on a cached one: C++ quirk
     # kept so both states match the C++ server byte for byte (spec §9).
     for key in ("cpu", "amd_igpu", "npu"):
         if isinstance(devices.get(key), dict) and "name" in devices[key]:
-            devices[key]["inference_engines"] = detect_inference_engines(key, devices[key]["name"])
+            devices[key]["inference_engines"] = engines(key, devices[key]["name"])
     for key in ("amd_dgpu", "nvidia_dgpu"):
         for gpu in devices.get(key) or []:
             if isinstance(gpu, dict) and gpu.get("name"):  # a hand-edited cache must not 500
-                gpu["inference_engines"] = detect_inference_engines(key, gpu["name"])
+                gpu["inference_engines"] = engines(key, gpu["name"])
     family = _os_family()
     info: dict[str, Any] = {"OS Version": family}
     if family == "Linux":
@@ -438,14 +388,3 @@ def npu_available() -> bool:
     if _os_family() != "Windows":
         return False  # Linux/macOS NPU is a fixed stub; skip detection on every registry lookup
     return bool(_hardware().get("npu", {}).get("available"))
-
-
-def recipe_supported(recipe: str) -> bool:
-    """Whether models of `recipe` stay in the registry (C++ `filter_models_by_backend`, spec §7)."""
-    if _os_family() == "macOS":
-        return recipe == "llamacpp"
-    if recipe == "oga-igpu":
-        return False
-    if recipe in NPU_RECIPES:  # flm and oga executables are fetched on demand: the NPU is the test
-        return npu_available()
-    return True

@@ -1,9 +1,18 @@
 """The backend base class (C++ `server/wrapped_server.cpp`, spec router-and-backends §4).
 
-A backend is a small state machine (STOPPED → STARTING → READY, back to STOPPED on unload or death).
-Only `load` and `unload` write `state`. Subclasses describe their command line and readiness probe;
-this class picks the port, spawns through `process_manager`, waits for health and forwards requests
-through the pooled `http_client`.
+A backend is a small state machine with one writer of its state (llama-swap `process.go`):
+
+    STOPPED ──ensure_ready──▶ STARTING ──healthy──▶ READY ──stop──▶ STOPPING ──▶ STOPPED
+        ▲                        │ fails / stopped meanwhile            (a dead child is STOPPED too)
+        └────────────────────────┘
+
+`ensure_ready()` is the only way in: ready → return; stopped or dead → start; starting → wait for that
+start; stopping → wait, then start. Callers ask, they never peek at the state to decide. Subclasses
+describe their command line and readiness probe; this class picks the port, spawns through
+`process_manager`, waits for health and forwards requests through `http_client`.
+
+`forward(call, sink)` is the one way a request reaches the child, JSON or SSE: it owns the telemetry
+of `/stats` and reports a child that died or hung during the call.
 """
 from __future__ import annotations
 
@@ -13,10 +22,12 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Protocol
 
-from lemonade.error_types import ModelNotLoadedError, NetworkError, ProcessError
-from lemonade.utils import http_client, json_utils, process_manager
+from lemonade import streaming_proxy
+from lemonade.error_types import (LemonadeError, ModelNotLoadedError, NetworkError, ProcessError,
+                                  backend_error_body)
+from lemonade.utils import http_client, json_utils, path_utils, process_manager
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +35,24 @@ READY_TIMEOUT = 300.0  # C++ B: 3000 polls ≈ 5 min (§3.4), as a wall-clock de
 READY_POLL_INTERVAL = 0.1
 READY_PROBE_TIMEOUT = 1.0
 HUNG_PROBE_TIMEOUT = 5.0  # a healthy llama-server answers /health at once, even while generating
+STREAM_IDLE_TIMEOUT = 600.0  # default silence allowed inside a stream; `$LEMONADE_BACKEND_TIMEOUT` wins
+STARTING_REPORT_SECONDS = 1.0  # how often a load reports that it is still waiting for health
 
 
 class State(enum.Enum):
     STOPPED = "stopped"
     STARTING = "starting"
     READY = "ready"
+    STOPPING = "stopping"
+
+
+@dataclass
+class StartProgress:
+    """A load's own progress event (the download and install report `DownloadProgress`)."""
+
+    stage: str  # "starting": the child runs and is not healthy yet
+    model: str
+    elapsed: float = 0.0
 
 
 @dataclass
@@ -70,6 +93,34 @@ class Telemetry:
             self.prompt_tokens = int(usage["prompt_tokens"] or 0)
 
 
+@dataclass
+class BackendCall:
+    """One request for a backend. `raw` is the client's body as received: forwarded as is when nothing
+    rewrote the body (C++ does so for streams, http-api §4.4; the hot path skips a serialisation)."""
+
+    endpoint: str
+    body: dict[str, Any]
+    raw: bytes | None = None
+    stream: bool = False
+    telemetry: bool = True  # completions update /stats; embeddings and rerank do not (C++ B)
+
+
+class ReplySink(Protocol):
+    """Where `forward` delivers the answer; the HTTP layer implements one per API dialect."""
+
+    def json(self, status: int, body: Any) -> None:
+        """The backend's whole answer: its body when 200, else `error_types.backend_error_body`."""
+
+    def stream_start(self) -> None:
+        """The backend answered 200 to a streaming call; chunks follow."""
+
+    def stream_chunk(self, data: bytes) -> None:
+        """Bytes as the backend sent them. Raises streaming_proxy.ClientGone when the client left."""
+
+    def stream_end(self, error: dict[str, Any] | None) -> None:
+        """The stream is over; `error` (an OpenAI error object) when the backend broke it off."""
+
+
 class WrappedServer:
     """One backend child serving one model."""
 
@@ -80,11 +131,14 @@ class WrappedServer:
         self.model_name = model_name
         self.checkpoint = checkpoint
         self.recipe = recipe
-        self.state = State.STOPPED
-        self.port = 0
-        self.child: process_manager.Child | None = None
         self.telemetry = Telemetry()
-        self._state_lock = threading.Lock()  # guards state, port and child against load/unload races
+        self._state = State.STOPPED
+        self._port = 0
+        self._child: process_manager.Child | None = None
+        self._argv: list[str] = []
+        self._start_error: BaseException | None = None
+        self._starts = 0  # how many starts began; a waiter compares to tell "my start failed"
+        self._cond = threading.Condition()  # guards every field above; never held across I/O
 
     # -- what a subclass describes ----------------------------------------------------------------
 
@@ -94,76 +148,164 @@ class WrappedServer:
     def child_env(self) -> dict[str, str] | None:
         return None
 
-    def prepare(self) -> None:
-        """Work before the spawn (find or install the binary); may raise."""
+    def prepare(self, progress: Callable | None = None) -> None:
+        """Work before the spawn (find or install the binary); may block and raise."""
+
+    def ready_timeout(self) -> float:
+        return READY_TIMEOUT
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    def load(self, ready_timeout: float = READY_TIMEOUT) -> None:
-        """Spawn the child and block until it is healthy. Raises ProcessError (child stopped) on failure."""
-        self.prepare()
-        with self._state_lock:
-            if self.state is not State.STOPPED:
-                return
-            self.state = State.STARTING
-            try:
-                self.port = process_manager.find_free_port()
-                log.info("%s will use port: %d", self.server_name, self.port)
-                argv = self.build_argv(self.port)
-                log.debug("Command: %s", " ".join(argv))
-                self.child = process_manager.spawn(self.server_name, argv, env=self.child_env())
-            except BaseException as e:
-                self.state, self.port = State.STOPPED, 0
-                if isinstance(e, OSError):
-                    raise ProcessError(f"Failed to start {self.server_name}: {e}") from e
-                raise
-        try:
-            self._wait_for_ready(ready_timeout)
-        except BaseException:
-            self.unload()  # never leave a half-started child behind, whatever interrupted the wait
-            raise
-        with self._state_lock:
-            self.state = State.READY
-        log.info("%s is ready: model %s, pid %d, port %d", self.server_name, self.model_name,
-                 self.child.pid, self.port)
+    def ensure_ready(self, progress: Callable | None = None) -> None:
+        """Return once the child is healthy, starting it if needed. Blocks for a start (minutes at
+        worst); concurrent callers share one start, and one that waited on a start that failed gets
+        that start's error. Raises ProcessError, InstallationError and the like."""
+        while True:
+            with self._cond:
+                if self._state is State.READY and self._child is not None and self._child.is_alive():
+                    return
+                if self._state in (State.STARTING, State.STOPPING):
+                    attempt = self._starts
+                    self._cond.wait()
+                    if self._starts == attempt and self._state is State.STOPPED and self._start_error:
+                        raise self._start_error
+                    continue
+                died = self._state is State.READY
+                if not died:  # STOPPED: this caller starts it
+                    self._state, self._start_error = State.STARTING, None
+                    self._starts += 1
+                    attempt = self._starts
+            if died:
+                log.warning("%s for %s died (exit code %s); starting it again", self.server_name,
+                            self.model_name, self.exit_code())
+                self.stop()  # reaps the child; the next round starts a new one
+                continue
+            self._start(progress, attempt)
+            return
 
-    def _wait_for_ready(self, timeout: float) -> None:
-        """Poll the health URLs until one answers 200; fail at once if the child exits."""
-        deadline = time.monotonic() + timeout
-        urls = [f"http://127.0.0.1:{self.port}{p}" for p in self.health_paths]
-        child = self.child
-        assert child is not None
+    def _is_current(self, attempt: int) -> bool:
+        """Whether start `attempt` still owns the state (no stop or newer start came). Under _cond."""
+        return self._state is State.STARTING and self._starts == attempt
+
+    def _start(self, progress: Callable | None, attempt: int) -> None:
+        try:
+            self.prepare(progress)
+            port = process_manager.find_free_port()
+            argv = self.build_argv(port)
+            log.info("%s will use port %d", self.server_name, port)
+            log.debug("Command: %s", " ".join(argv))
+            try:
+                child = process_manager.spawn(self.server_name, argv, env=self.child_env())
+            except OSError as e:
+                raise ProcessError(f"Failed to start {self.server_name}: {e}") from e
+            with self._cond:
+                current = self._is_current(attempt)
+                if current:
+                    self._child, self._port, self._argv = child, port, argv
+            if not current:
+                process_manager.stop(child)
+                raise self._stopped_while_starting()
+            self._wait_for_ready(child, port, progress, attempt)
+            with self._cond:
+                if self._is_current(attempt):
+                    self._state = State.READY
+                    self.telemetry = Telemetry()
+                    self._cond.notify_all()
+                    log.info("%s is ready: model %s, pid %d, port %d", self.server_name, self.model_name,
+                             child.pid, port)
+                    return
+            raise self._stopped_while_starting()
+        except BaseException as e:
+            self._abandon_start(attempt, e)  # never leave a half-started child behind
+            raise
+
+    def _stopped_while_starting(self) -> ProcessError:
+        return ProcessError(f"{self.server_name} for {self.model_name} was stopped while it started")
+
+    def _abandon_start(self, attempt: int, error: BaseException) -> None:
+        with self._cond:
+            if not self._is_current(attempt):
+                return  # a stop() took this attempt over and finishes it
+            child, self._child = self._child, None
+            self._state = State.STOPPING
+        if child is not None:
+            process_manager.stop(child)
+        with self._cond:
+            self._state, self._port, self._start_error = State.STOPPED, 0, error
+            self._cond.notify_all()
+
+    def _wait_for_ready(self, child: process_manager.Child, port: int, progress: Callable | None,
+                        attempt: int) -> None:
+        """Poll the health URLs until one answers 200; fail at once if the child exits or a stop came."""
+        timeout = self.ready_timeout()
+        started = time.monotonic()
+        deadline, next_report = started + timeout, started + STARTING_REPORT_SECONDS
+        urls = [f"http://127.0.0.1:{port}{p}" for p in self.health_paths]
         while True:
             if not child.is_alive():
                 tail = child.tail_text()
                 raise ProcessError(
                     f"{self.server_name} failed to start: process exited with code {child.exit_code()}"
                     + (f"\n{tail}" if tail else ""))
+            with self._cond:
+                if not self._is_current(attempt):
+                    raise self._stopped_while_starting()
             if any(http_client.is_reachable(url, READY_PROBE_TIMEOUT) for url in urls):
                 return
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise ProcessError(f"{self.server_name} failed to start within {timeout:.0f} s")
+            if progress is not None and now >= next_report:
+                progress(StartProgress("starting", self.model_name, now - started))
+                next_report = now + STARTING_REPORT_SECONDS
             time.sleep(READY_POLL_INTERVAL)
 
-    def unload(self) -> None:
-        """Stop the child (TERM, bounded wait, KILL). Safe to call twice and on a dead child."""
-        with self._state_lock:
-            child, self.child = self.child, None
-            self.state, self.port = State.STOPPED, 0
+    def stop(self) -> None:
+        """Stop the child (TERM, bounded wait, KILL). Blocks for that; safe twice and on a dead child.
+        A start in progress is cut short: its `ensure_ready` raises, callers waiting on it start anew."""
+        with self._cond:
+            while self._state is State.STOPPING:
+                self._cond.wait()
+            if self._state is State.STOPPED:
+                return
+            self._state = State.STOPPING
+            child, self._child = self._child, None
         if child is not None:
             process_manager.stop(child)
+        with self._cond:
+            self._state, self._port, self._start_error = State.STOPPED, 0, None
+            self._cond.notify_all()
 
-    def is_alive(self) -> bool:
-        child = self.child
-        return self.state is State.READY and child is not None and child.is_alive()
+    # -- questions ---------------------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        """Ready and its child still running (a child that died since shows up here at once)."""
+        with self._cond:
+            return self._state is State.READY and self._child is not None and self._child.is_alive()
+
+    def state(self) -> State:
+        with self._cond:
+            return self._state
 
     @property
     def pid(self) -> int | None:
-        child = self.child
+        child = self._child
         return child.pid if child else None
 
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def launch_command(self) -> list[str]:
+        return list(self._argv)
+
+    def exit_code(self) -> int | None:
+        child = self._child
+        return child.exit_code() if child else None
+
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://127.0.0.1:{self._port}"
 
     # -- forwarding --------------------------------------------------------------------------------
 
@@ -173,32 +315,65 @@ class WrappedServer:
         return body
 
     def request_payload(self, endpoint: str, body: dict[str, Any], raw: bytes | None = None) -> bytes:
-        """The bytes to send to the child: the client's own `raw` bytes when nothing rewrote the body
-        (C++ does so for streams, http-api §4.4; the backend parses the same JSON either way, and the
-        hot path skips a serialisation), else the rewritten body serialised."""
+        """The bytes to send: the client's own `raw` bytes when nothing rewrote the body, else the
+        (rewritten) body serialised."""
         rewritten = self.rewrite_request(endpoint, body)
         return raw if raw is not None and rewritten is body else json_utils.dumps(rewritten)
 
-    def forward_json(self, endpoint: str, body: dict[str, Any], raw: bytes | None = None) -> http_client.JsonReply:
-        """POST to the child and return its status and parsed body. `raw` is the client's body as
-        received (see `request_payload`). Raises ModelNotLoadedError or NetworkError (the child did
-        not answer)."""
-        if not self.is_alive():
+    def forward(self, call: BackendCall, sink: ReplySink) -> None:
+        """Send `call` to the child and deliver the answer to `sink`. Blocks for the whole answer
+        (a stream until it ends). Raises ModelNotLoadedError (not ready), NetworkError or
+        ProcessError (no answer: the child died, or hung and was stopped) before anything reached
+        the sink; once a stream started, failures end it through `sink.stream_end(error)`."""
+        if not self.is_ready():
             raise ModelNotLoadedError(self.server_name)
+        payload = self.request_payload(call.endpoint, call.body, call.raw)
+        url = self.base_url() + call.endpoint
+        if not call.stream:
+            try:
+                reply = http_client.post_json(url, payload)
+            except NetworkError as e:
+                raise self._death_or(e) from e
+            if reply.status != 200:  # C++ GA wrapped it and answered 200; we keep the status
+                sink.json(reply.status, backend_error_body(self.server_name, reply.status, reply.body))
+                return
+            if call.telemetry and isinstance(reply.body, dict):
+                self.telemetry.update(reply.body, streaming=False)
+            sink.json(200, reply.body)
+            return
         try:
-            return http_client.post_json(self.base_url() + endpoint, self.request_payload(endpoint, body, raw))
+            response = http_client.post_stream(url, payload, path_utils.backend_timeout(STREAM_IDLE_TIMEOUT))
         except NetworkError as e:
             raise self._death_or(e) from e
+        if response.status_code != 200:
+            try:
+                detail = response.json_or_text()
+            except NetworkError as e:
+                raise self._death_or(e) from e
+            finally:
+                response.close()
+            sink.json(response.status_code, backend_error_body(self.server_name, response.status_code, detail))
+            return
+        sink.stream_start()
+        result = streaming_proxy.relay(response, sink.stream_chunk)
+        if not result.completed:
+            return  # the client left; the upstream request is closed, which stops the generation
+        error = None
+        if result.error is not None:
+            error = {"message": self._death_or(result.error).message, "type": "backend_error"}
+        elif call.telemetry and result.last_stats_frame:
+            self.telemetry.update(result.last_stats_frame, streaming=True)
+        sink.stream_end(error)
 
-    def _death_or(self, error: Exception) -> Exception:
-        """A failed call to a child that has just died reports the death (the next request reloads
-        it, since `is_alive` is then false), not a bare connection error. A child that timed out and
-        no longer answers its health probe is hung: it is stopped and reported, and reloaded next time."""
-        child = self.child
+    def _death_or(self, error: LemonadeError) -> LemonadeError:
+        """A failed call to a child that has just died reports the death (the next request starts
+        it again), not a bare connection error. A child that timed out and no longer answers its
+        health probe is hung: it is stopped and reported, and started again next time."""
+        child = self._child
         if isinstance(error, http_client.BackendTimeout) and child is not None and child.is_alive():
             if not http_client.is_reachable(self.base_url() + self.health_paths[0], HUNG_PROBE_TIMEOUT):
                 log.error("%s (pid %d) is hung: %s; stopping it", self.server_name, child.pid, error.message)
-                self.unload()
+                self.stop()
                 return ProcessError(f"{self.server_name} did not answer ({error.message}) and was "
                                     "stopped; the next request starts it again")
             return error
@@ -209,13 +384,7 @@ class WrappedServer:
                 return error
             return ProcessError(f"{self.server_name} exited with code {child.exit_code()} "
                                 "while handling the request")
+        if self.state() in (State.STOPPING, State.STOPPED):
+            return ProcessError(f"{self.server_name} for {self.model_name} was unloaded while handling "
+                                "the request")
         return error
-
-    def open_stream(self, endpoint: str, body: bytes):
-        """POST to the child and return the open streaming response (see streaming_proxy)."""
-        if not self.is_alive():
-            raise ModelNotLoadedError(self.server_name)
-        try:
-            return http_client.post_stream(self.base_url() + endpoint, body)
-        except NetworkError as e:
-            raise self._death_or(e) from e

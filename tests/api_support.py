@@ -62,10 +62,11 @@ def stop_server(server: ServerProc) -> None:
 
 @contextlib.contextmanager
 def running_server(tmp_path: Path, seeded_hub_cache: Path, *args: str,
-                   user_models: dict | None = None) -> Iterator[ServerProc]:
+                   user_models: dict | None = None, env_extra: dict | None = None) -> Iterator[ServerProc]:
     """`lemonade serve` with a private runtime dir; `lemonade serve` writes its log to that dir's
     `lemonade-server.log`, the file `/logs/stream` tails (`server.runtime_log`)."""
     env = private_env(tmp_path, seeded_hub_cache, user_models)
+    env.update(env_extra or {})
     server = start_server(env, tmp_path, *args)
     server.env = env  # type: ignore[attr-defined]
     server.runtime_log = Path(env["LEMONADE_RUNTIME_DIR"]) / "lemonade-server.log"  # type: ignore[attr-defined]

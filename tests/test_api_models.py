@@ -66,13 +66,22 @@ def test_auto_load_failure_names_the_real_cause(server):
     assert requests.get(server.api + "/health").json()["model_loaded"] in (None, DEFAULT_MODEL)
 
 
-def test_unload_always_succeeds(server):
+def test_unload_all_or_one(server):
+    """GA ignores the body (unload all); HEAD reads an optional model name (head-llm-surface.md §3.6)."""
     post(server, "load", {"model_name": DEFAULT_MODEL})
     expected = b'{"message":"Model unloaded successfully","status":"success"}'
-    for data in (b"", b"not json at all", b'{"model_name": "whatever"}'):
+    for data in (b"", b"not json at all", b"{}"):
         reply = post(server, "unload", data=data)
         assert reply.status_code == 200 and reply.content == expected
         wait_for(lambda: not server.llama_processes(), 15, what="llama-server to stop")
+    reply = post(server, "unload", data=b'{"model_name": "whatever"}')
+    assert reply.status_code == 404 and reply.content == b'{"error":"Model not loaded: whatever"}'
+    post(server, "load", {"model_name": DEFAULT_MODEL})
+    reply = post(server, "unload", data=b'{"model_name": "%s:latest"}' % DEFAULT_MODEL.encode())
+    assert reply.status_code == 200
+    assert reply.json() == {"message": "Model unloaded successfully", "model_name": DEFAULT_MODEL,
+                            "status": "success"}
+    wait_for(lambda: not server.llama_processes(), 15, what="llama-server to stop")
     health = requests.get(server.api + "/health").json()
     assert health["model_loaded"] is None and health["checkpoint_loaded"] is None
     assert requests.get(server.api + "/stats").json()["error"]["type"] == "model_not_loaded"

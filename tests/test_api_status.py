@@ -9,6 +9,8 @@ import json
 import pytest
 import requests
 
+import lemonade
+
 from api_support import (CORS, DEFAULT_MODEL, GEMMA_CHECKPOINT, METHOD_NOT_ALLOWED, POST_ENDPOINTS,
                          assert_cors, compact, not_found, raw_request, request_bytes, running_server,
                          wait_for)
@@ -28,8 +30,12 @@ def test_health_bytes(server, prefix):
     reply = requests.get(server.url + prefix + "/health")
     assert reply.status_code == 200
     assert reply.headers["Content-Type"] == "application/json"
-    assert reply.content == (b'{"checkpoint_loaded":null,"context_size":4096,'
-                             b'"log_streaming":{"sse":true,"websocket":false},"model_loaded":null,"status":"ok"}')
+    # GA's keys and values, plus HEAD's multi-model keys (head-llm-surface.md §3.10), in C++'s bytes
+    assert reply.content == (b'{"all_models_loaded":[],"checkpoint_loaded":null,"context_size":4096,'
+                             b'"log_streaming":{"sse":true,"websocket":false},'
+                             b'"max_models":{"embedding":1,"llm":1,"reranking":1},"model_loaded":null,'
+                             b'"pinned_models":{"embedding":0,"llm":0,"reranking":0},"status":"ok",'
+                             b'"version":"' + lemonade.__version__.encode() + b'"}')
     assert_cors(reply.headers)
 
 

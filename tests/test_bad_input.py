@@ -377,14 +377,14 @@ def quick_timeout_server(tmp_path, seeded_hub_cache, monkeypatch):
     from api_support import private_env
     from lemonade.backends.llamacpp_server import LlamaCppOptions
     from lemonade.cli_parser import ServerConfig
-    from lemonade.model_manager import ModelManager
+    from lemonade.backends import registry
     from lemonade.router import Router
     from lemonade.server.handlers import Api
     from lemonade.server.httpd import LemonadeHTTPServer, serve_forever_in_thread
 
     for key, value in private_env(tmp_path, seeded_hub_cache).items():
         monkeypatch.setenv(key, value)
-    models = ModelManager()
+    models = registry.model_manager()
     router = Router(models, LlamaCppOptions())
     api = Api(router, models, ServerConfig(port=0), on_shutdown=lambda: None)
     httpd = LemonadeHTTPServer(("127.0.0.1", 0), api, client_timeout=1.0)

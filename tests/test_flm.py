@@ -165,7 +165,7 @@ def test_missing_flm_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("LEMONADE_FLM", raising=False)
     for call in (lambda: flm.pull(CKPT), lambda: flm.remove(CKPT, MODEL),
-                 lambda: flm.FastFlowLMServer(MODEL, CKPT, "flm", 4096).load()):
+                 lambda: flm.FastFlowLMServer(MODEL, CKPT, "flm", 4096).ensure_ready()):
         with pytest.raises(InstallationError, match="FLM not installed"):
             call()
 

@@ -17,6 +17,9 @@ huggingface_hub = pytest.importorskip("huggingface_hub")
 
 from hfhub import GEMMA_FILE, GEMMA_REPO, file_sha256, gemma_gguf, gguf_bytes, hf_env, hub  # noqa: E402,F401
 from lemonade.model_manager.hf_download import download_checkpoint, is_checkpoint_downloaded  # noqa: E402
+from lemonade.model_manager.hf_select import gguf_selection, whole_repo  # noqa: E402
+
+GGUF = gguf_selection()
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,7 +46,7 @@ def quiet_hf(caplog):
 
 def test_huggingface_hub_reads_what_lemonade_downloaded(hub, hf_env, quiet_hf):
     repo = hub.add_repo(REPO, FILES)
-    snap = download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    snap = download_checkpoint(f"{REPO}:Q4_0", GGUF)
     wanted = ["compat-Q4_0.gguf", "config.json", "tokenizer_config.json"]
 
     for name in wanted:
@@ -69,7 +72,7 @@ def test_huggingface_hub_reads_what_lemonade_downloaded(hub, hf_env, quiet_hf):
 
 def test_huggingface_hub_completes_a_partial_lemonade_snapshot(hub, hf_env, quiet_hf):
     hub.add_repo(REPO, FILES)
-    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    download_checkpoint(f"{REPO}:Q4_0", GGUF)
     hub.clear_log()
     folder = huggingface_hub.snapshot_download(REPO, cache_dir=hf_env, endpoint=hub.endpoint, token=False)
     # Only the files lemonade did not take; its blobs are reused.
@@ -85,15 +88,15 @@ def test_lemonade_reads_what_huggingface_hub_downloaded(hub, hf_env, quiet_hf):
     repo = hub.add_repo(GEMMA_REPO, {GEMMA_FILE: path, "config.json": b"{}\n", "README.md": b"# gemma\n"},
                         sha256={GEMMA_FILE: sha})
     checkpoint = f"{GEMMA_REPO}:Q4_K_M"
-    assert not is_checkpoint_downloaded(checkpoint, "llamacpp")
+    assert not is_checkpoint_downloaded(checkpoint, GGUF)
     folder = huggingface_hub.snapshot_download(GEMMA_REPO, cache_dir=hf_env, endpoint=hub.endpoint, token=False)
     assert quiet_hf() == []
-    assert is_checkpoint_downloaded(checkpoint, "llamacpp")
-    assert is_checkpoint_downloaded(GEMMA_REPO, "llamacpp")  # empty variant: the first GGUF
-    assert is_checkpoint_downloaded(GEMMA_REPO, "oga-cpu")   # every file of the repo, per HF's tree listing
+    assert is_checkpoint_downloaded(checkpoint, GGUF)
+    assert is_checkpoint_downloaded(GEMMA_REPO, GGUF)  # empty variant: the first GGUF
+    assert is_checkpoint_downloaded(GEMMA_REPO, whole_repo)   # every file of the repo, per HF's tree listing
 
     hub.clear_log()
-    snap = download_checkpoint(checkpoint, "llamacpp")
+    snap = download_checkpoint(checkpoint, GGUF)
     assert str(snap) == folder and snap.name == repo.commit
     assert hub.body_gets() == [] and hub.requests(method="HEAD") == []
     assert [r.path.split("?")[0] for r in hub.log] == [f"/api/models/{GEMMA_REPO}"]
@@ -103,11 +106,11 @@ def test_lemonade_reads_what_huggingface_hub_downloaded(hub, hf_env, quiet_hf):
 def test_offline_huggingface_hub_snapshot_sees_lemonade_tree_as_partial(hub, hf_env):
     """Our trees/<commit>.json is the full listing, so HF knows a variant-only pull is not the whole repo."""
     hub.add_repo(REPO, FILES)
-    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    download_checkpoint(f"{REPO}:Q4_0", GGUF)
     with pytest.raises(huggingface_hub.errors.IncompleteSnapshotError):
         huggingface_hub.snapshot_download(REPO, cache_dir=hf_env, endpoint=hub.endpoint, token=False,
                                           local_files_only=True)
-    download_checkpoint(REPO, "oga-cpu")  # every file: now the snapshot is whole
+    download_checkpoint(REPO, whole_repo)  # every file: now the snapshot is whole
     folder = huggingface_hub.snapshot_download(REPO, cache_dir=hf_env, endpoint=hub.endpoint, token=False,
                                                local_files_only=True)
     assert os.path.isfile(os.path.join(folder, "sub", "dir", "extra.gguf"))

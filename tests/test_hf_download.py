@@ -13,8 +13,10 @@ from hfhub import LoopbackHub, git_blob_sha1, gguf_bytes, hf_env, hub  # noqa: F
 from lemonade.error_types import DownloadError, InvalidRequestError
 from lemonade.model_manager import hf_download
 from lemonade.model_manager.hf_download import (
-    DownloadProgress, delete_repo_cache, download_checkpoint, is_checkpoint_downloaded, select_files)
-from lemonade.model_manager.hf_select import VARIANT_HINT
+    DownloadProgress, delete_repo_cache, download_checkpoint, is_checkpoint_downloaded)
+from lemonade.model_manager.hf_select import VARIANT_HINT, gguf_selection, whole_repo
+
+GGUF = gguf_selection()
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -54,9 +56,9 @@ CONFIGS = ["config.json", "tokenizer.model"]
 def test_select_files_cases(variant, mmproj, expected):
     if expected is None:  # "f16" only matches the mmproj file, which case 3 excludes -> case 4 -> error
         with pytest.raises(DownloadError, match="No .gguf files found for variant f16"):
-            select_files(SIB, variant, mmproj, "llamacpp", repo="org/r")
+            gguf_selection(mmproj)(SIB, variant, "org/r")
         return
-    assert select_files(SIB, variant, mmproj, "llamacpp", repo="org/r") == expected
+    assert gguf_selection(mmproj)(SIB, variant, "org/r") == expected
 
 
 @pytest.mark.parametrize("siblings,variant,mmproj,message", [
@@ -71,19 +73,19 @@ def test_select_files_cases(variant, mmproj, expected):
 ])
 def test_select_files_errors_carry_the_cpp_messages(siblings, variant, mmproj, message):
     with pytest.raises(DownloadError) as info:
-        select_files(siblings, variant, mmproj, "llamacpp", repo="org/r")
+        gguf_selection(mmproj)(siblings, variant, "org/r")
     assert info.value.message.startswith(message)
     assert info.value.message.endswith(VARIANT_HINT) or "mmproj" in message
 
 
 def test_select_files_other_recipes_take_every_file():
-    assert select_files(SIB, "Q4_0", "", "oga-cpu") == SIB
-    assert select_files(["a.onnx", "genai_config.json"], "", "", "oga-hybrid") == ["a.onnx", "genai_config.json"]
+    assert whole_repo(SIB, "Q4_0") == SIB
+    assert whole_repo(["a.onnx", "genai_config.json"], "") == ["a.onnx", "genai_config.json"]
 
 
 def test_select_files_mmproj_suffix_is_excluded_from_case_3():
     sib = ["m-Q4_0.gguf", "mmproj-m-Q4_0.gguf"]
-    assert select_files(sib, "Q4_0", "", "llamacpp") == ["m-Q4_0.gguf"]
+    assert gguf_selection("")(sib, "Q4_0") == ["m-Q4_0.gguf"]
 
 
 # ---------------------------------------------------------------- download and layout
@@ -91,7 +93,7 @@ def test_select_files_mmproj_suffix_is_excluded_from_case_3():
 def test_download_writes_the_standard_cache_layout(hub, hf_env):
     repo = hub.add_repo(REPO, FILES)
     events: list[DownloadProgress] = []
-    snap = download_checkpoint(f"{REPO}:Q4_0", "llamacpp", progress=events.append)
+    snap = download_checkpoint(f"{REPO}:Q4_0", GGUF, progress=events.append)
 
     base = repo_dir(hf_env)
     assert snap == base / "snapshots" / repo.commit
@@ -116,20 +118,20 @@ def test_download_writes_the_standard_cache_layout(hub, hf_env):
                                                                   ("tiny-Q4_0.gguf", "config.json", "tokenizer.json"))
     assert events[-1].percent == 100.0 and events[-1].file_count == 3
     assert all(b.total_done >= a.total_done for a, b in zip(events, events[1:]))
-    assert is_checkpoint_downloaded(f"{REPO}:Q4_0", "llamacpp")
-    assert not is_checkpoint_downloaded(f"{REPO}:Q8_0", "llamacpp")
+    assert is_checkpoint_downloaded(f"{REPO}:Q4_0", GGUF)
+    assert not is_checkpoint_downloaded(f"{REPO}:Q8_0", GGUF)
 
 
 def test_second_pull_downloads_nothing_and_upgrade_reuses_unchanged_blobs(hub, hf_env):
     hub.add_repo(REPO, FILES)
-    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    download_checkpoint(f"{REPO}:Q4_0", GGUF)
     hub.clear_log()
-    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    download_checkpoint(f"{REPO}:Q4_0", GGUF)
     assert hub.body_gets() == [] and hub.requests(method="HEAD") == []
 
     new = hub.add_repo(REPO, {**FILES, "config.json": b'{"model_type": "tiny", "v": 2}\n'})
     hub.clear_log()
-    snap = download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    snap = download_checkpoint(f"{REPO}:Q4_0", GGUF)
     assert snap.name == new.commit and (repo_dir(hf_env) / "refs" / "main").read_text() == new.commit
     assert [r.file for r in hub.body_gets()] == ["config.json"]  # the GGUF blob is shared
     assert (snap / "tiny-Q4_0.gguf").read_bytes() == Q4
@@ -138,13 +140,13 @@ def test_second_pull_downloads_nothing_and_upgrade_reuses_unchanged_blobs(hub, h
 def test_token_goes_to_the_hub_but_never_to_the_cdn(hub, hf_env, monkeypatch):
     hub.add_repo(REPO, FILES, private=True)
     with pytest.raises(DownloadError, match=r"status: 401\): repository not found, private or gated"):
-        download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+        download_checkpoint(f"{REPO}:Q4_0", GGUF)
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     with pytest.raises(DownloadError, match="invalid HF_TOKEN"):
-        download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+        download_checkpoint(f"{REPO}:Q4_0", GGUF)
     monkeypatch.setenv("HF_TOKEN", hub.token)
     hub.clear_log()
-    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    download_checkpoint(f"{REPO}:Q4_0", GGUF)
     hub_requests, cdn_requests = hub.requests(server="hub"), hub.requests(server="cdn")
     assert hub_requests and cdn_requests
     assert all(r.header("Authorization") == f"Bearer {hub.token}" for r in hub_requests)
@@ -157,50 +159,50 @@ def test_offline_sends_no_request(hub, hf_env, monkeypatch, flag):
     hub.add_repo(REPO, FILES)
     monkeypatch.setenv(flag, "1")
     with pytest.raises(DownloadError, match="Offline mode"):
-        download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+        download_checkpoint(f"{REPO}:Q4_0", GGUF)
     assert hub.log == []
     monkeypatch.delenv(flag)
-    snap = download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    snap = download_checkpoint(f"{REPO}:Q4_0", GGUF)
     monkeypatch.setenv(flag, "1")
     hub.clear_log()
-    assert download_checkpoint(f"{REPO}:Q4_0", "llamacpp") == snap
+    assert download_checkpoint(f"{REPO}:Q4_0", GGUF) == snap
     assert hub.log == []
 
 
 def test_unreachable_hub_falls_back_to_the_cache(hub, hf_env, monkeypatch):
     hub.add_repo(REPO, FILES)
-    snap = download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    snap = download_checkpoint(f"{REPO}:Q4_0", GGUF)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
-    assert download_checkpoint(f"{REPO}:Q4_0", "llamacpp") == snap
+    assert download_checkpoint(f"{REPO}:Q4_0", GGUF) == snap
     with pytest.raises(hf_download.NetworkError):
-        download_checkpoint(f"{REPO}:Q8_0", "llamacpp")
+        download_checkpoint(f"{REPO}:Q8_0", GGUF)
 
 
 def test_missing_repo_revision_and_bad_ids(hub, hf_env):
     hub.add_repo(REPO, FILES)
     with pytest.raises(DownloadError, match="status: 401"):
-        download_checkpoint("org/nope-GGUF:Q4_0", "llamacpp")
+        download_checkpoint("org/nope-GGUF:Q4_0", GGUF)
     with pytest.raises(DownloadError, match="revision not found"):
-        download_checkpoint(f"{REPO}:Q4_0", "llamacpp", revision="v9")
+        download_checkpoint(f"{REPO}:Q4_0", GGUF, revision="v9")
     with pytest.raises(DownloadError, match="File nope.gguf not found"):
-        download_checkpoint(f"{REPO}:nope.gguf", "llamacpp")
+        download_checkpoint(f"{REPO}:nope.gguf", GGUF)
     for bad in ("../etc", "/abs/x", "a\\b", "a/b/c", ""):
         with pytest.raises(InvalidRequestError):
-            download_checkpoint(f"{bad}:Q4_0", "llamacpp")
+            download_checkpoint(f"{bad}:Q4_0", GGUF)
     assert not repo_dir(hf_env).exists() or not list(repo_dir(hf_env).rglob("*.gguf"))
 
 
 def test_a_hub_file_path_that_escapes_the_snapshot_is_refused(hub, hf_env):
     hub.add_repo("org/evil", {"../../../escape.gguf": b"GGUF", "ok.gguf": b"GGUF"})
     with pytest.raises(InvalidRequestError):
-        download_checkpoint("org/evil", "oga-cpu")
+        download_checkpoint("org/evil", whole_repo)
     assert not (hf_env.parent / "escape.gguf").exists() and hub.body_gets() == []
 
 
 def test_head_follows_a_relative_redirect_of_a_renamed_repo(hub, hf_env):
     hub.add_repo("org/new-GGUF", FILES)
     hub.renamed["org/old-GGUF"] = "org/new-GGUF"
-    snap = download_checkpoint("org/old-GGUF:Q4_0", "llamacpp")
+    snap = download_checkpoint("org/old-GGUF:Q4_0", GGUF)
     heads = [(r.status, r.path.split("/")[2]) for r in hub.requests(method="HEAD", path_contains="Q4_0")]
     assert heads == [(307, "old-GGUF"), (302, "new-GGUF")]
     assert (snap / "tiny-Q4_0.gguf").read_bytes() == Q4
@@ -209,22 +211,22 @@ def test_head_follows_a_relative_redirect_of_a_renamed_repo(hub, hf_env):
 
 def test_pinned_revision_writes_no_main_ref(hub, hf_env):
     repo = hub.add_repo(REPO, FILES)
-    snap = download_checkpoint(f"{REPO}:Q8_0", "llamacpp", revision=repo.commit)
+    snap = download_checkpoint(f"{REPO}:Q8_0", GGUF, revision=repo.commit)
     assert snap.name == repo.commit
     assert not (repo_dir(hf_env) / "refs" / "main").exists()
     assert hub.requests(path_contains=f"/api/models/{REPO}/revision/{repo.commit}")
-    assert is_checkpoint_downloaded(f"{REPO}:Q8_0", "llamacpp", revision=repo.commit)
+    assert is_checkpoint_downloaded(f"{REPO}:Q8_0", GGUF, revision=repo.commit)
 
 
 def test_other_recipes_download_every_file(hub, hf_env):
     repo = hub.add_repo("org/onnx", {"model.onnx": b"\x08\x01" * 5000, "sub/genai_config.json": b"{}",
                                      "README.md": b"x"})
-    snap = download_checkpoint("org/onnx", "oga-cpu")
+    snap = download_checkpoint("org/onnx", whole_repo)
     assert sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file()) == [
         "README.md", "model.onnx", "sub/genai_config.json"]
     link = snap / "sub" / "genai_config.json"
     assert os.readlink(link) == f"../../../blobs/{repo.files['sub/genai_config.json'].git_sha1}"
-    assert is_checkpoint_downloaded("org/onnx", "oga-cpu")
+    assert is_checkpoint_downloaded("org/onnx", whole_repo)
 
 
 def test_concurrent_pulls_share_one_download(hub, hf_env):
@@ -234,7 +236,7 @@ def test_concurrent_pulls_share_one_download(hub, hf_env):
 
     def pull():
         try:
-            download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+            download_checkpoint(f"{REPO}:Q4_0", GGUF)
         except BaseException as e:  # surfaced by the assert below
             errors.append(e)
 
@@ -245,7 +247,7 @@ def test_concurrent_pulls_share_one_download(hub, hf_env):
         t.join(30)
     assert errors == []
     assert len(hub.requests(server="cdn", method="GET")) == 1
-    assert is_checkpoint_downloaded(f"{REPO}:Q4_0", "llamacpp")
+    assert is_checkpoint_downloaded(f"{REPO}:Q4_0", GGUF)
 
 
 def test_not_enough_disk_space_is_a_clear_error(hub, hf_env, monkeypatch):
@@ -254,7 +256,7 @@ def test_not_enough_disk_space_is_a_clear_error(hub, hf_env, monkeypatch):
     monkeypatch.setattr(hf_download.shutil, "disk_usage",
                         lambda p: real(p)._replace(free=1_000_000))
     with pytest.raises(DownloadError, match=r"Not enough disk space to download tiny-Q4_0.gguf: need 3.0 MB"):
-        download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+        download_checkpoint(f"{REPO}:Q4_0", GGUF)
     assert hub.requests(server="cdn") == []
 
 
@@ -268,43 +270,43 @@ def _write(path: Path, data: bytes = b"GGUF") -> None:
 def test_cpp_layouts_count_as_downloaded(hf_env):
     base = repo_dir(hf_env, "org/cpp-A-GGUF")  # C++ A: real files in snapshots/main, no refs
     _write(base / "snapshots" / "main" / "m-Q4_0.gguf")
-    assert is_checkpoint_downloaded("org/cpp-A-GGUF:Q4_0", "llamacpp")
-    assert not is_checkpoint_downloaded("org/cpp-A-GGUF:Q8_0", "llamacpp")
+    assert is_checkpoint_downloaded("org/cpp-A-GGUF:Q4_0", GGUF)
+    assert not is_checkpoint_downloaded("org/cpp-A-GGUF:Q8_0", GGUF)
 
     sha = "a" * 40  # C++ B: refs/main -> snapshots/<sha> with real files
     base = repo_dir(hf_env, "org/cpp-B-GGUF")
     _write(base / "snapshots" / sha / "m-Q4_0.gguf")
     _write(base / "refs" / "main", sha.encode())
-    assert is_checkpoint_downloaded("org/cpp-B-GGUF:Q4_0", "llamacpp")
+    assert is_checkpoint_downloaded("org/cpp-B-GGUF:Q4_0", GGUF)
     _write(base / "refs" / "main", b"b" * 40)  # a ref to a missing snapshot: fall back to any snapshot
-    assert is_checkpoint_downloaded("org/cpp-B-GGUF:Q4_0", "llamacpp")
+    assert is_checkpoint_downloaded("org/cpp-B-GGUF:Q4_0", GGUF)
 
 
 def test_partial_shards_and_dangling_links_do_not_count(hf_env):
     snap = repo_dir(hf_env, "org/shard-GGUF") / "snapshots" / ("c" * 40)
     _write(snap / "Q4_K_M" / "m-Q4_K_M-00001-of-00002.gguf")
-    assert not is_checkpoint_downloaded("org/shard-GGUF:Q4_K_M", "llamacpp")
+    assert not is_checkpoint_downloaded("org/shard-GGUF:Q4_K_M", GGUF)
     _write(snap / "Q4_K_M" / "m-Q4_K_M-00002-of-00002.gguf")
-    assert is_checkpoint_downloaded("org/shard-GGUF:Q4_K_M", "llamacpp")
+    assert is_checkpoint_downloaded("org/shard-GGUF:Q4_K_M", GGUF)
 
     snap = repo_dir(hf_env, "org/dangling-GGUF") / "snapshots" / ("d" * 40)
     snap.mkdir(parents=True)
     (snap / "m-Q4_0.gguf").symlink_to("../../blobs/" + "e" * 64)  # blob still .incomplete
     _write(repo_dir(hf_env, "org/dangling-GGUF") / "blobs" / ("e" * 64 + ".incomplete"))
-    assert not is_checkpoint_downloaded("org/dangling-GGUF:Q4_0", "llamacpp")
-    assert not is_checkpoint_downloaded("org/never-GGUF:Q4_0", "llamacpp")
+    assert not is_checkpoint_downloaded("org/dangling-GGUF:Q4_0", GGUF)
+    assert not is_checkpoint_downloaded("org/never-GGUF:Q4_0", GGUF)
 
 
 # ---------------------------------------------------------------- delete
 
 def test_delete_repo_cache_removes_only_that_repo(hub, hf_env):
     hub.add_repo(REPO, FILES)
-    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    download_checkpoint(f"{REPO}:Q4_0", GGUF)
     other = repo_dir(hf_env, "org/other")
     _write(other / "snapshots" / "main" / "x.gguf")
     assert delete_repo_cache(REPO) == repo_dir(hf_env)
     assert not repo_dir(hf_env).exists() and other.exists()
-    assert not is_checkpoint_downloaded(f"{REPO}:Q4_0", "llamacpp")
+    assert not is_checkpoint_downloaded(f"{REPO}:Q4_0", GGUF)
     assert delete_repo_cache(REPO) == repo_dir(hf_env)  # missing: a warning, not an error
 
 

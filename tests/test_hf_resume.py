@@ -16,6 +16,9 @@ import pytest
 from hfhub import GEMMA_FILE, GEMMA_REPO, Fault, file_sha256, gemma_gguf, gguf_bytes, hf_env, hub  # noqa: F401
 from lemonade.error_types import DownloadError, LemonadeError
 from lemonade.model_manager.hf_download import download_checkpoint, is_checkpoint_downloaded
+from lemonade.model_manager.hf_select import gguf_selection
+
+GGUF = gguf_selection()
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -42,7 +45,7 @@ def assert_complete(cache: Path) -> None:
     blob = blobs(cache) / SHA
     assert blob.read_bytes() == DATA
     assert not (blobs(cache) / f"{SHA}.incomplete").exists()
-    assert is_checkpoint_downloaded(f"{REPO}:Q4_0", "llamacpp")
+    assert is_checkpoint_downloaded(f"{REPO}:Q4_0", GGUF)
 
 
 @pytest.fixture
@@ -53,7 +56,7 @@ def faulty(hub, hf_env):
 
 def test_cut_body_resumes_with_range(faulty, hf_env):
     faulty.add_fault(REPO, NAME, Fault(cut_after=1_234_567))
-    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    download_checkpoint(f"{REPO}:Q4_0", GGUF)
     gets = cdn_gets(faulty)
     assert len(gets) == 2 and range_start(gets[0]) is None
     # The resume point is what reached the disk: whole chunks, at most the cut.
@@ -65,7 +68,7 @@ def test_cut_twice_in_a_row_and_then_small_file_cut(faulty, hf_env):
     faulty.add_fault(REPO, NAME, Fault(cut_after=2_500_000))
     faulty.add_fault(REPO, NAME, Fault(cut_after=3_500_000))
     faulty.add_fault(REPO, "config.json", Fault(cut_after=1))
-    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    download_checkpoint(f"{REPO}:Q4_0", GGUF)
     starts = [range_start(g) for g in cdn_gets(faulty)]
     assert starts[0] is None and 0 < starts[1] <= 2_500_000 and starts[1] < starts[2] <= 3_500_000
     config_gets = faulty.requests(server="hub", method="GET", path_contains="config.json")
@@ -76,14 +79,14 @@ def test_cut_twice_in_a_row_and_then_small_file_cut(faulty, hf_env):
 def test_every_interruption_that_brings_bytes_resets_the_retry_budget(faulty, hf_env):
     for i in range(1, 9):  # 8 cuts in a row, more than the 5 tries without progress
         faulty.add_fault(REPO, NAME, Fault(cut_after=i * 450_000))
-    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    download_checkpoint(f"{REPO}:Q4_0", GGUF)
     assert len(cdn_gets(faulty)) == 9
     assert_complete(hf_env)
 
 
 def test_expired_cdn_url_is_refreshed_once(faulty, hf_env):
     faulty.add_fault(REPO, NAME, Fault(status=403))
-    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    download_checkpoint(f"{REPO}:Q4_0", GGUF)
     heads = faulty.requests(method="HEAD", path_contains=NAME)
     assert len(heads) == 2 and [g.status for g in cdn_gets(faulty)] == [403, 200]
     assert_complete(hf_env)
@@ -100,19 +103,19 @@ def test_a_raising_progress_callback_cancels_and_the_next_pull_resumes(faulty, h
             raise Cancelled
 
     with pytest.raises(Cancelled):
-        download_checkpoint(f"{REPO}:Q4_0", "llamacpp", progress=cancel_half_way)
+        download_checkpoint(f"{REPO}:Q4_0", GGUF, progress=cancel_half_way)
     part = blobs(hf_env) / f"{SHA}.incomplete"
     kept = part.stat().st_size
-    assert kept >= 2_000_000 and not is_checkpoint_downloaded(f"{REPO}:Q4_0", "llamacpp")
+    assert kept >= 2_000_000 and not is_checkpoint_downloaded(f"{REPO}:Q4_0", GGUF)
     faulty.clear_log()
-    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    download_checkpoint(f"{REPO}:Q4_0", GGUF)
     assert [range_start(g) for g in cdn_gets(faulty)] == [kept]
     assert_complete(hf_env)
 
 
 def test_corrupt_byte_is_detected_and_redownloaded(faulty, hf_env):
     faulty.add_fault(REPO, NAME, Fault(corrupt_at=3_000_000))
-    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    download_checkpoint(f"{REPO}:Q4_0", GGUF)
     assert [g.header("Range") for g in cdn_gets(faulty)] == [None, None]  # the whole file again
     assert_complete(hf_env)
 
@@ -120,17 +123,17 @@ def test_corrupt_byte_is_detected_and_redownloaded(faulty, hf_env):
 def test_persistent_corruption_fails_without_a_blob(faulty, hf_env):
     faulty.add_fault(REPO, NAME, Fault(corrupt_at=10, times=99))
     with pytest.raises(DownloadError, match="does not match its checksum"):
-        download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+        download_checkpoint(f"{REPO}:Q4_0", GGUF)
     assert not (blobs(hf_env) / SHA).exists()
     assert not (blobs(hf_env) / f"{SHA}.incomplete").exists()
-    assert not is_checkpoint_downloaded(f"{REPO}:Q4_0", "llamacpp")
+    assert not is_checkpoint_downloaded(f"{REPO}:Q4_0", GGUF)
 
 
 def test_corrupt_partial_left_on_disk_is_caught(faulty, hf_env):
     part = blobs(hf_env) / f"{SHA}.incomplete"
     part.parent.mkdir(parents=True)
     part.write_bytes(b"XXXX" + DATA[4:1_000_000])  # a previous run's bytes, rotten
-    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    download_checkpoint(f"{REPO}:Q4_0", GGUF)
     assert [g.header("Range") for g in cdn_gets(faulty)] == ["bytes=1000000-", None]
     assert_complete(hf_env)
 
@@ -138,7 +141,7 @@ def test_corrupt_partial_left_on_disk_is_caught(faulty, hf_env):
 def test_stall_times_out_then_resumes(faulty, hf_env):
     faulty.add_fault(REPO, NAME, Fault(stall_after=2_200_000, stall_seconds=6))  # client read timeout: 2 s
     started = time.monotonic()
-    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    download_checkpoint(f"{REPO}:Q4_0", GGUF)
     assert time.monotonic() - started < 6  # gave up on the stalled connection, did not wait it out
     starts = [range_start(g) for g in cdn_gets(faulty)]
     assert starts[0] is None and 0 < starts[1] <= 2_200_000 and len(starts) == 2
@@ -150,7 +153,7 @@ def test_416_discards_the_partial_and_restarts(faulty, hf_env):
     part.parent.mkdir(parents=True)
     part.write_bytes(DATA[:500_000])
     faulty.add_fault(REPO, NAME, Fault(status=416))
-    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    download_checkpoint(f"{REPO}:Q4_0", GGUF)
     gets = cdn_gets(faulty)
     assert [(g.header("Range"), g.status) for g in gets] == [("bytes=500000-", 416), (None, 200)]
     assert_complete(hf_env)
@@ -161,7 +164,7 @@ def test_200_to_a_range_truncates_and_restarts(faulty, hf_env):
     part.parent.mkdir(parents=True)
     part.write_bytes(DATA[:700_000])
     faulty.add_fault(REPO, NAME, Fault(ignore_range=True))
-    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    download_checkpoint(f"{REPO}:Q4_0", GGUF)
     assert [(g.header("Range"), g.status) for g in cdn_gets(faulty)] == [("bytes=700000-", 200)]
     assert_complete(hf_env)
 
@@ -170,7 +173,7 @@ def test_oversized_partial_is_truncated(faulty, hf_env):
     part = blobs(hf_env) / f"{SHA}.incomplete"
     part.parent.mkdir(parents=True)
     part.write_bytes(DATA + b"garbage")
-    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    download_checkpoint(f"{REPO}:Q4_0", GGUF)
     assert [g.header("Range") for g in cdn_gets(faulty)] == [None]
     assert_complete(hf_env)
 
@@ -180,7 +183,7 @@ def test_5xx_is_retried_with_backoff(faulty, hf_env, where):
     path = "" if where == "api" else NAME
     faulty.add_fault(REPO, path, Fault(status=500, where=where, times=2))
     faulty.add_fault(REPO, path, Fault(status=503, where=where, times=1))
-    download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+    download_checkpoint(f"{REPO}:Q4_0", GGUF)
     statuses = [r.status for r in faulty.log if r.status >= 500]
     assert statuses == [500, 500, 503]
     assert_complete(hf_env)
@@ -189,15 +192,16 @@ def test_5xx_is_retried_with_backoff(faulty, hf_env, where):
 def test_5xx_forever_gives_up(faulty, hf_env):
     faulty.add_fault(REPO, NAME, Fault(status=502, times=1000))
     with pytest.raises(LemonadeError, match="502"):
-        download_checkpoint(f"{REPO}:Q4_0", "llamacpp")
+        download_checkpoint(f"{REPO}:Q4_0", GGUF)
     assert 2 <= len(cdn_gets(faulty)) <= 10
-    assert not is_checkpoint_downloaded(f"{REPO}:Q4_0", "llamacpp")
+    assert not is_checkpoint_downloaded(f"{REPO}:Q4_0", GGUF)
 
 
 # ---------------------------------------------------------------- SIGKILL during the real gemma download
 
 PULL = ("import sys; from lemonade.model_manager.hf_download import download_checkpoint; "
-        "download_checkpoint(sys.argv[1], 'llamacpp')")
+        "from lemonade.model_manager.hf_select import gguf_selection; "
+        "download_checkpoint(sys.argv[1], gguf_selection())")
 KILLS = 10
 
 
@@ -243,11 +247,11 @@ def test_sigkill_at_random_points_then_resume(hub, hf_env, tmp_path):
         expected_range = f"bytes={on_disk}-" if on_disk else None
         assert [g.header("Range") for g in gets][:1] == [expected_range], f"seed {seed}, run {n}"
         if target is not None:
-            assert not is_checkpoint_downloaded(checkpoint, "llamacpp")
+            assert not is_checkpoint_downloaded(checkpoint, GGUF)
             on_disk = part.stat().st_size
             assert on_disk >= target
     blob = blobs(hf_env, GEMMA_REPO) / sha
     assert file_sha256(blob) == sha and not part.exists()
-    assert is_checkpoint_downloaded(checkpoint, "llamacpp")
+    assert is_checkpoint_downloaded(checkpoint, GGUF)
     assert os.readlink(blob.parent.parent / "snapshots" / hub.repos[GEMMA_REPO].commit / GEMMA_FILE) == \
         f"../../blobs/{sha}"

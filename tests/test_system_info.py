@@ -19,6 +19,12 @@ from pathlib import Path
 import pytest
 
 from lemonade import system_info
+from lemonade.backends import registry
+
+
+def system_info_with_engines(verbose: bool = False) -> dict:
+    """`/system-info` as the server builds it: hardware from system_info, engines from the recipes."""
+    return system_info.get_system_info(verbose, engines=registry.inference_engines)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux detection path")
 
@@ -72,7 +78,7 @@ def _meminfo_total_kb() -> int:
 # ------------------------------------------------------------------ shape on this machine ---------
 
 def test_non_verbose_shape(llama_server):
-    info = system_info.get_system_info()
+    info = system_info_with_engines()
     assert set(info) == {"OS Version", "Processor", "Physical Memory", "devices"}
     assert info["OS Version"] == "Linux"
     assert set(info["devices"]) == DEVICE_KEYS
@@ -84,14 +90,14 @@ def test_non_verbose_shape(llama_server):
 
 
 def test_verbose_adds_only_python_packages(llama_server):
-    short, full = system_info.get_system_info(), system_info.get_system_info(verbose=True)
+    short, full = system_info_with_engines(), system_info_with_engines(verbose=True)
     assert set(full) - set(short) == {"Python Packages"}
     assert full["Python Packages"] == ["not-applicable"]
 
 
 def test_physical_memory_matches_proc_meminfo(llama_server):
     expected = f"{round(_meminfo_total_kb() // 1024 / 1024, 2):.2f} GB"
-    assert system_info.get_system_info()["Physical Memory"] == expected
+    assert system_info_with_engines()["Physical Memory"] == expected
     free = shutil.which("free") and subprocess.run(["free", "-m"], capture_output=True, text=True).stdout
     if free:  # the C++ source of this number
         total_mib = int(free.splitlines()[1].split()[1])
@@ -103,7 +109,7 @@ def test_processor_and_cpu_match_lscpu(llama_server):
     out = subprocess.run(["lscpu"], capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"}).stdout
     model = re.search(r"^Model name:\s*(.+)$", out, re.M).group(1).strip()
     threads = int(re.search(r"^CPU\(s\):\s*(\d+)", out, re.M).group(1))
-    info = system_info.get_system_info()
+    info = system_info_with_engines()
     cpu = info["devices"]["cpu"]
     assert info["Processor"] == model == cpu["name"]
     assert cpu["threads"] == threads and cpu["available"] is True and cpu["cores"] >= 1
@@ -113,7 +119,7 @@ def test_processor_and_cpu_match_lscpu(llama_server):
 def test_missing_tools_do_not_fail(fake_bin, monkeypatch, llama_server):
     """A container without lscpu/lspci/vulkaninfo: errors in the body, never an exception."""
     monkeypatch.setenv("PATH", str(fake_bin.dir))  # an empty PATH dir: no tool can be found
-    info = system_info.get_system_info()
+    info = system_info_with_engines()
     devices = info["devices"]
     assert info["Processor"] == "ERROR - Failed to execute lscpu"
     assert devices["cpu"]["error"] == "Failed to execute lscpu command" and not devices["cpu"]["available"]
@@ -158,7 +164,7 @@ def test_gpu_classification_from_lspci(fake_bin, llama_server, tmp_path):
     (binary.parent / "version.txt").write_text("b6510\n")
     llama_server["path"] = binary
 
-    info = system_info.get_system_info()
+    info = system_info_with_engines()
     devices = info["devices"]
     strix = "Advanced Micro Devices, Inc. [AMD/ATI] Strix Halo [Radeon Graphics / Radeon 8050S / 8060S Graphics] (rev c1)"
     assert devices["amd_igpu"]["name"] == strix  # first integrated one; Phoenix1 is dropped
@@ -182,14 +188,14 @@ def test_lscpu_parsing_from_fake(fake_bin, monkeypatch, llama_server):
                       "Model name:             AMD EPYC 9354 32-Core Processor\n"
                       "BIOS Model name:        AMD EPYC 9354 32-Core Processor    Unknown CPU @ 3.2GHz\n"
                       "Core(s) per socket:     16\nSocket(s):              2\nNUMA node0 CPU(s):      0-63")
-    info = system_info.get_system_info()
+    info = system_info_with_engines()
     cpu = info["devices"]["cpu"]
     # C++ would put the BIOS line in cpu.name (spec §9); both fields use the real model name here.
     assert info["Processor"] == cpu["name"] == "AMD EPYC 9354 32-Core Processor"
     assert (cpu["cores"], cpu["threads"]) == (32, 64)
     fake_bin("lscpu", "Architecture: x86_64")
     monkeypatch.setenv("LEMONADE_CI_MODE", "1")  # bypass the cache the first call wrote
-    info = system_info.get_system_info()
+    info = system_info_with_engines()
     assert info["Processor"] == "ERROR - Processor name not found"
     assert info["devices"]["cpu"]["error"] == "No CPU information found"
 
@@ -203,7 +209,7 @@ def _has_engines(value) -> bool:
 
 
 def test_cache_written_stripped_then_reused(isolated_env, llama_server):
-    first = system_info.get_system_info()
+    first = system_info_with_engines()
     cache = json.loads(isolated_env.read_text())
     assert cache["version"] == "0.1.0" and set(cache["hardware"]) == DEVICE_KEYS
     assert not _has_engines(cache["hardware"])
@@ -211,7 +217,7 @@ def test_cache_written_stripped_then_reused(isolated_env, llama_server):
 
     cache["hardware"]["cpu"]["name"] = "Cached CPU"
     isolated_env.write_text(json.dumps(cache))
-    second = system_info.get_system_info()
+    second = system_info_with_engines()
     assert second["devices"]["cpu"]["name"] == "Cached CPU"  # detection did not run again
     assert "oga" in second["devices"]["cpu"]["inference_engines"]  # engines are never cached
     assert "inference_engines" not in second["devices"]["amd_dgpu"][0]  # cached placeholder quirk
@@ -222,9 +228,9 @@ def test_ci_mode_ignores_and_skips_cache(isolated_env, monkeypatch, llama_server
     isolated_env.parent.mkdir(parents=True)
     isolated_env.write_text(json.dumps({"version": "0.1.0", "hardware": {"cpu": {"name": "Cached CPU"}}}))
     monkeypatch.setenv("LEMONADE_CI_MODE", value)  # any value, even empty, disables the cache
-    assert system_info.get_system_info()["devices"]["cpu"]["name"] != "Cached CPU"
+    assert system_info_with_engines()["devices"]["cpu"]["name"] != "Cached CPU"
     isolated_env.unlink()
-    system_info.get_system_info()
+    system_info_with_engines()
     assert not isolated_env.exists()
 
 
@@ -238,7 +244,7 @@ def test_ci_mode_ignores_and_skips_cache(isolated_env, monkeypatch, llama_server
 def test_invalid_cache_is_rewritten(isolated_env, llama_server, content):
     isolated_env.parent.mkdir(parents=True)
     isolated_env.write_text(content)
-    assert system_info.get_system_info()["devices"]["cpu"]["name"] != "Cached CPU"
+    assert system_info_with_engines()["devices"]["cpu"]["name"] != "Cached CPU"
     rewritten = json.loads(isolated_env.read_text())
     assert rewritten["version"] == "0.1.0" and set(rewritten["hardware"]) == DEVICE_KEYS
 
@@ -247,7 +253,7 @@ def test_unwritable_cache_still_answers(tmp_path, monkeypatch, llama_server):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("LEMONADE_CACHE_DIR", str(blocker / "cache"))  # mkdir under a file fails
-    assert set(system_info.get_system_info()["devices"]) == DEVICE_KEYS
+    assert set(system_info_with_engines()["devices"]) == DEVICE_KEYS
 
 
 # ------------------------------------------------------------------ engines: llama-server location -
@@ -257,9 +263,9 @@ def test_llama_version_file_locations(tmp_path, llama_server):
     build.parent.mkdir(parents=True)
     build.write_text("")
     llama_server["path"] = build
-    assert system_info.detect_inference_engines("cpu", "x")["llamacpp-vulkan"]["version"] == "unknown"
+    assert registry.inference_engines("cpu", "x")["llamacpp-vulkan"]["version"] == "unknown"
     (tmp_path / "vulkan" / "version.txt").write_text("  b7000 \n")
-    assert system_info.detect_inference_engines("cpu", "x")["llamacpp-vulkan"] == {
+    assert registry.inference_engines("cpu", "x")["llamacpp-vulkan"] == {
         "available": True, "backend": "vulkan", "version": "b7000"}
 
 
@@ -272,15 +278,15 @@ def test_llama_server_found_by_the_backend_module(tmp_path, monkeypatch):
     binary.chmod(0o755)
     (binary.parent.parent / "version.txt").write_text("b6600")
     monkeypatch.setenv("LEMONADE_LLAMA_SERVER", str(binary))
-    engines = system_info.detect_inference_engines("amd_dgpu", "AMD Radeon RX 7900 XTX")
+    engines = registry.inference_engines("amd_dgpu", "AMD Radeon RX 7900 XTX")
     assert engines["llamacpp-rocm"] == {"available": True, "backend": "rocm", "version": "b6600"}
     monkeypatch.setenv("LEMONADE_LLAMA_SERVER", str(tmp_path / "missing"))
-    assert system_info.detect_inference_engines("cpu", "")["llamacpp-vulkan"] == {
+    assert registry.inference_engines("cpu", "")["llamacpp-vulkan"] == {
         "available": False, "error": "vulkan binaries not installed"}
 
 
 def test_engine_keys_per_device_type(llama_server):
-    keys = {t: set(system_info.detect_inference_engines(t, "Radeon 8060S"))
+    keys = {t: set(registry.inference_engines(t, "Radeon 8060S"))
             for t in ("cpu", "amd_igpu", "amd_dgpu", "nvidia_dgpu", "npu")}
     assert keys == {"cpu": {"llamacpp-vulkan", "oga"}, "amd_igpu": {"llamacpp-vulkan", "llamacpp-rocm", "oga"},
                     "amd_dgpu": {"llamacpp-vulkan", "llamacpp-rocm", "oga"},
@@ -290,10 +296,11 @@ def test_engine_keys_per_device_type(llama_server):
 def test_macos_summary_shape(monkeypatch, llama_server):
     """macOS cannot exist here, so only the OS family is swapped in; the stubs are fixed data."""
     monkeypatch.setattr(system_info, "_os_family", lambda: "macOS")
-    info = system_info.get_system_info(verbose=True)
+    monkeypatch.setattr(sys, "platform", "darwin")  # what the recipe specs look at
+    info = system_info_with_engines(verbose=True)
     assert set(info) == {"OS Version", "devices", "Python Packages"} and info["OS Version"] == "macOS"
     assert info["devices"]["amd_dgpu"] == [] == info["devices"]["nvidia_dgpu"]
-    assert [r for r in ("llamacpp", "flm", "oga-cpu", "whispercpp") if system_info.recipe_supported(r)] == [
+    assert [r for r in ("llamacpp", "flm", "oga-cpu", "whispercpp") if registry.spec_for(r).runs_here()] == [
         "llamacpp"]
 
 
@@ -308,7 +315,7 @@ def test_recipe_filter_table(monkeypatch, skip, npu):
     assert system_info.npu_available() is npu
     expected = {"llamacpp": True, "whispercpp": True, "sd-cpp": True, "flm": npu, "oga-npu": npu,
                 "oga-hybrid": npu, "oga-cpu": npu, "oga-igpu": False}
-    assert {r: system_info.recipe_supported(r) for r in expected} == expected
+    assert {r: registry.spec_for(r).runs_here() for r in expected} == expected
 
 
 @pytest.mark.parametrize("name, arch", [

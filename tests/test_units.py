@@ -10,16 +10,23 @@ import pytest
 from lemonade.backends import llamacpp_server
 from lemonade.backends.llamacpp_server import LlamaCppOptions, build_argv, split_custom_args
 from lemonade.error_types import InstallationError, InvalidRequestError
-from lemonade.router import models_to_evict
-from lemonade.server.httpd import match_route
+from lemonade.router import EvictionPlan, SlotView, idle_victims, plan_eviction
+from lemonade.server.routes import ROUTES, Auth, Errors, Head, Route, RouteTable, default_table
+
+TABLE = default_table()
+
+
+def _match(method: str, path: str):
+    route, params = TABLE.match(method, path)
+    return (route.handler, params) if route else (None, {})
 
 
 @pytest.mark.parametrize("method,path,expected", [
     ("GET", "/api/v1/health", ("health", {})),
-    ("HEAD", "/api/v0/health", ("head_ok", {})),
-    ("HEAD", "/api/v1/models", ("head_ok", {})),
+    ("HEAD", "/api/v0/health", ("health", {})),
     ("GET", "/api/v1/models/user.Foo/bar", ("model_by_id", {"id": "user.Foo/bar"})),
     ("HEAD", "/api/v1/models/x", ("model_by_id", {"id": "x"})),
+    ("GET", "/api/v1/models/", (None, {})),
     ("POST", "/api/v1/chat/completions", ("chat_completions", {})),
     ("GET", "/api/v1/chat/completions", ("method_not_allowed", {})),
     ("HEAD", "/api/v1/load", ("method_not_allowed", {})),
@@ -27,30 +34,75 @@ from lemonade.server.httpd import match_route
     ("PUT", "/api/v1/load", (None, {})),
     ("POST", "/internal/shutdown", ("shutdown", {})),
     ("GET", "/internal/shutdown", (None, {})),
+    ("POST", "/internal/pin", ("pin", {})),
     ("POST", "/api/v1/test", ("test", {})),
     ("POST", "/api/v0/test", (None, {})),
     ("GET", "/", ("root", {})),
+    ("GET", "/live", ("live", {})),
     ("GET", "/static/js/chat.js", ("static", {"path": "js/chat.js"})),
     ("GET", "/v1/models", (None, {})),
     ("POST", "/api/v2/chat/completions", (None, {})),
 ])
-def test_match_route(method, path, expected):
-    assert match_route(method, path) == expected
+def test_route_table_matches(method, path, expected):
+    assert _match(method, path) == expected
 
 
-@pytest.mark.parametrize("target,loaded,expected", [
-    ("a", [], []),
-    ("a", ["a"], []),
-    ("b", ["a"], ["a"]),
-    ("c", ["a", "b"], ["a", "b"]),
+def test_route_rows_carry_every_attribute():
+    route, _ = TABLE.match("HEAD", "/api/v1/health")
+    assert route.head is Head.EMPTY and route.auth is Auth.API and not route.reads_body
+    route, _ = TABLE.match("POST", "/api/v1/pull")
+    assert route.reads_body and route.errors is Errors.STRING
+    route, _ = TABLE.match("POST", "/api/v1/chat/completions")
+    assert route.reads_body and route.errors is Errors.OPENAI
+    assert TABLE.match("POST", "/internal/shutdown")[0].auth is Auth.ADMIN
+    assert TABLE.match("GET", "/static/x.css")[0].auth is Auth.PUBLIC
+    # every POST route reads its body: none is silently drained
+    assert all(r.reads_body for r in ROUTES if r.method == "POST")
+
+
+def test_route_table_refuses_duplicates():
+    with pytest.raises(ValueError, match="duplicate route GET /x"):
+        RouteTable([Route("GET", "/x", "a"), Route("GET", "/x", "b")])
+
+
+def _slot(name, kind="llm", last=0.0, busy=False, pinned=False):
+    return SlotView(name, kind, last, busy, pinned)
+
+
+@pytest.mark.parametrize("target,kind,slots,limit,expected", [
+    # GA policy (one per type): the loaded chat model gives way; other types are untouched
+    ("a", "llm", [], 1, EvictionPlan()),
+    ("a", "llm", [_slot("a")], 1, EvictionPlan()),
+    ("b", "llm", [_slot("a")], 1, EvictionPlan(victims=("a",))),
+    ("b", "llm", [_slot("e", "embedding")], 1, EvictionPlan()),
+    ("b", "embedding", [_slot("e", "embedding"), _slot("a")], 1, EvictionPlan(victims=("e",))),
+    # LRU by last use, not by load order
+    ("d", "llm", [_slot("a", last=5), _slot("b", last=1), _slot("c", last=3)], 3, EvictionPlan(victims=("b",))),
+    ("d", "llm", [_slot("a", last=5), _slot("b", last=1), _slot("c", last=3)], 2,
+     EvictionPlan(victims=("b", "c"))),
+    # a busy model is never chosen: an idle newer one goes instead, else the load waits
+    ("c", "llm", [_slot("a", last=1, busy=True), _slot("b", last=2)], 2, EvictionPlan(victims=("b",))),
+    ("c", "llm", [_slot("a", last=1, busy=True), _slot("b", last=2, busy=True)], 2,
+     EvictionPlan(wait_for=("a", "b"))),
+    # pinned models stay; a pool of pinned models refuses
+    ("c", "llm", [_slot("a", last=1, pinned=True), _slot("b", last=2)], 2, EvictionPlan(victims=("b",))),
+    ("b", "llm", [_slot("a", pinned=True)], 1, EvictionPlan(pinned_full=True)),
+    ("c", "llm", [_slot("a", pinned=True, busy=True), _slot("b", busy=True)], 2, EvictionPlan(wait_for=("b",))),
+    # unlimited
+    ("z", "llm", [_slot(n) for n in "abcdef"], -1, EvictionPlan()),
 ])
-def test_models_to_evict_ga_policy(target, loaded, expected):
-    assert models_to_evict(target, loaded) == expected
+def test_plan_eviction_table(target, kind, slots, limit, expected):
+    assert plan_eviction(target, kind, slots, limit) == expected
 
 
-def test_models_to_evict_larger_policy():
-    assert models_to_evict("c", ["a", "b"], max_loaded=2) == ["a"]
-    assert models_to_evict("c", ["a"], max_loaded=2) == []
+@pytest.mark.parametrize("slots,now,ttl,expected", [
+    ([_slot("a", last=0), _slot("b", last=50)], 100, 60, ["a"]),
+    ([_slot("a", last=0, busy=True), _slot("b", last=0, pinned=True)], 100, 60, []),
+    ([_slot("a", last=0)], 100, 0, []),  # no timeout set: never
+    ([_slot("a", last=40)], 100, 60, ["a"]),  # exactly the timeout
+])
+def test_idle_victims_table(slots, now, ttl, expected):
+    assert idle_victims(slots, now, ttl) == expected
 
 
 def test_argv_exactly_as_cpp_b():

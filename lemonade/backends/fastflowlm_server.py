@@ -128,6 +128,17 @@ def is_model_pulled(checkpoint: str) -> bool:
     return checkpoint in installed_checkpoints()
 
 
+def engine_status() -> dict[str, Any]:
+    """The `flm` entry of an NPU's `inference_engines` (system-info.md §5). Blocks ≤ VERSION_TIMEOUT."""
+    try:
+        flm = find_flm()
+    except InstallationError:
+        flm = None
+    if flm is None:
+        return {"available": False, "version": "unknown"}
+    return {"available": True, "version": flm_version(flm) or "unknown"}
+
+
 # -- pull and remove ------------------------------------------------------------------------------
 
 def pull_argv(flm: str, checkpoint: str, force: bool) -> list[str]:
@@ -210,7 +221,7 @@ class FastFlowLMServer(WrappedServer):
         self.ctx_size = ctx_size
         self.flm = EXE_NAME  # replaced by the resolved path in prepare()
 
-    def prepare(self) -> None:
+    def prepare(self, progress=None) -> None:
         """Find flm and check it runs (blocks ≤ VERSION_TIMEOUT). Raises InstallationError."""
         flm = require_flm()
         version = flm_version(flm)
@@ -224,9 +235,8 @@ class FastFlowLMServer(WrappedServer):
     def build_argv(self, port: int) -> list[str]:
         return [self.flm, "serve", self.checkpoint, "--ctx-len", str(self.ctx_size), "--port", str(port)]
 
-    def load(self, ready_timeout: float | None = None) -> None:
-        """As WrappedServer.load, with FLM's deadline (`flm_ready_timeout()`) unless one is given."""
-        super().load(ready_timeout if ready_timeout is not None else flm_ready_timeout())
+    def ready_timeout(self) -> float:
+        return flm_ready_timeout()
 
     def rewrite_request(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
         """FLM serves by its own checkpoint name (e.g. `qwen3:0.6b`), not Lemonade's model name (§10).

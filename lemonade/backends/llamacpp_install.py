@@ -34,12 +34,13 @@ from pathlib import Path
 import requests
 import urllib3
 
-from lemonade.backends import llamacpp_server as _server  # INSTALL_SUBPATHS; module import survives the cycle
 from lemonade.error_types import InstallationError
 from lemonade.model_manager.hf_download import DownloadProgress, ProgressCallback
 from lemonade.utils import http_client, path_utils
 
 log = logging.getLogger(__name__)
+
+INSTALL_SUBPATHS = ("build/bin/llama-server", "llama-server", "bin/llama-server")  # C++ B order, §8.2
 
 VERSIONS_FILE = "backend_versions.json"
 VERSION_MARKER = "version.txt"
@@ -135,7 +136,7 @@ def asset_url(backend: str, version: str, system: str | None = None, arch: str |
 
 def find_executable(install_dir: Path) -> Path | None:
     """C++ `find_executable_in_install_dir`: first existing candidate (existence, not mode)."""
-    subpaths = (WINDOWS_EXE,) if _os_family(None) == "Windows" else _server.INSTALL_SUBPATHS
+    subpaths = (WINDOWS_EXE,) if _os_family(None) == "Windows" else INSTALL_SUBPATHS
     for sub in subpaths:
         if (install_dir / sub).is_file():
             return install_dir / sub

@@ -13,6 +13,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from lemonade import system_info
+from lemonade.backends import llamacpp_install
+from lemonade.backends.llamacpp_install import INSTALL_SUBPATHS
 from lemonade.error_types import InstallationError, InvalidRequestError
 from lemonade.utils import path_utils
 from lemonade.wrapped_server import WrappedServer
@@ -20,7 +23,6 @@ from lemonade.wrapped_server import WrappedServer
 log = logging.getLogger(__name__)
 
 EXE_NAME = "llama-server"
-INSTALL_SUBPATHS = ("build/bin/llama-server", "llama-server", "bin/llama-server")  # C++ B order
 EMBEDDINGS_MIN_CTX = 8192
 
 
@@ -61,7 +63,8 @@ def candidate_places(backend: str, override: str | None = None) -> list[tuple[st
     return places
 
 
-def find_llama_server(backend: str = "vulkan", override: str | None = None, install: bool = False) -> Path:
+def find_llama_server(backend: str = "vulkan", override: str | None = None, install: bool = False,
+                      progress=None) -> Path:
     """The llama-server to run. Raises InstallationError naming every place looked at.
 
     An explicit override that does not exist is an error by itself: falling through to another
@@ -78,14 +81,10 @@ def find_llama_server(backend: str = "vulkan", override: str | None = None, inst
     for desc, path in places:
         if path is not None and path.is_file() and os.access(path, os.X_OK):
             if install and desc == "install dir":
-                from lemonade.backends import llamacpp_install  # lazily: it imports this module
-
-                return llamacpp_install.ensure_installed(backend)
+                return llamacpp_install.ensure_installed(backend, progress)
             return path
     if install:
-        from lemonade.backends import llamacpp_install
-
-        return llamacpp_install.ensure_installed(backend)
+        return llamacpp_install.ensure_installed(backend, progress)
     looked = "; ".join(f"{desc}: {path if path else 'not available'}" for desc, path in places)
     raise InstallationError(
         "llama-server not found. Looked at: " + looked +
@@ -98,6 +97,41 @@ def find_llama_server_or_none(backend: str = "vulkan") -> Path | None:
         return find_llama_server(backend)
     except InstallationError:
         return None
+
+
+def _llama_version(binary: Path) -> str:
+    """version.txt in the binary's dir or the install dir above it (`<dir>/{.,bin,build/bin}/`)."""
+    dirs = [binary.parent, binary.parent.parent]
+    if binary.parent.name == "bin" and binary.parent.parent.name == "build":
+        dirs.append(binary.parent.parent.parent)
+    for d in dirs:
+        try:
+            return (d / "version.txt").read_text().strip()
+        except OSError:
+            continue
+    return "unknown"
+
+
+def _engine(backend: str, supported: bool) -> dict:
+    if not supported:
+        return {"available": False, "error": f"{backend} not available"}
+    # Report against wherever llama-server really is. C++ B looks in the A-era layout and so says
+    # "binaries not installed" even when it is installed (system-info.md §5).
+    binary = find_llama_server_or_none(backend)
+    if binary is None:
+        return {"available": False, "error": f"{backend} binaries not installed"}
+    return {"available": True, "backend": backend, "version": _llama_version(binary)}
+
+
+def inference_engines(device_type: str, device_name: str) -> dict:
+    """The llama.cpp entries of one device's `inference_engines` (system-info.md §5): Vulkan on the CPU
+    and every GPU, ROCm on AMD GPUs that have a gfx target. Blocks on file and tool probes."""
+    engines = {}
+    if device_type in ("cpu", "amd_igpu", "amd_dgpu", "nvidia_dgpu"):
+        engines["llamacpp-vulkan"] = _engine("vulkan", device_type == "cpu" or system_info.vulkan_present())
+    if device_type in ("amd_igpu", "amd_dgpu"):
+        engines["llamacpp-rocm"] = _engine("rocm", bool(system_info.rocm_arch_for_gpu(device_name)))
+    return engines
 
 
 def split_custom_args(text: str) -> list[str]:
@@ -166,8 +200,9 @@ class LlamaCppServer(WrappedServer):
         self.options = options
         self.binary: Path | None = None
 
-    def prepare(self) -> None:
-        self.binary = find_llama_server(self.options.backend, self.options.binary, install=True)
+    def prepare(self, progress=None) -> None:
+        self.binary = find_llama_server(self.options.backend, self.options.binary, install=True,
+                                        progress=progress)
         log.info("[LlamaCpp] Loading model: %s; using GGUF: %s; binary: %s", self.model_name,
                  self.gguf, self.binary)
 

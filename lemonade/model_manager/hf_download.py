@@ -32,11 +32,11 @@ from lemonade.model_manager.hf_cache import (
     COMMIT_RE, RepoDir, blob_lock, cached_snapshot, check_repo_path, check_revision, delete_repo_cache,
     ensure_cache_dirs, is_checkpoint_downloaded, is_complete_file, link_pointer, snapshot_dir, write_ref,
     write_tree)
-from lemonade.model_manager.hf_select import select_files, split_checkpoint
+from lemonade.model_manager.hf_select import Selection, split_checkpoint
 from lemonade.utils.path_utils import hf_endpoint, hf_token, is_offline
 
-__all__ = ["DownloadProgress", "ProgressCallback", "download_checkpoint", "select_files",
-           "is_checkpoint_downloaded", "delete_repo_cache", "snapshot_dir"]
+__all__ = ["DownloadProgress", "ProgressCallback", "download_checkpoint", "is_checkpoint_downloaded",
+           "delete_repo_cache", "snapshot_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -464,13 +464,13 @@ class _Progress:
                                            self.total_done, self.total_bytes))
 
 
-def download_checkpoint(checkpoint: str, recipe: str, mmproj: str = "", progress: ProgressCallback | None = None,
+def download_checkpoint(checkpoint: str, select: Selection, progress: ProgressCallback | None = None,
                         revision: str = "main") -> Path:
-    """Download the files of `checkpoint` ("org/repo[:variant]") that `recipe` needs into the HF cache
-    and return the snapshot dir. Blocks for the whole download; safe to call concurrently (blob locks).
+    """Download the files of `checkpoint` ("org/repo[:variant]") that `select` picks (an
+    `hf_select` selection, named by the recipe's spec) into the HF cache and return the snapshot dir.
+    Blocks for the whole download; safe to call concurrently (blob locks).
 
-    llamacpp selects files as router-and-backends.md §9.4 (see hf_select); other recipes take every
-    file. Offline (LEMONADE_OFFLINE=1, HF_HUB_OFFLINE) sends no request: returns the cached snapshot or
+    Offline (LEMONADE_OFFLINE=1, HF_HUB_OFFLINE) sends no request: returns the cached snapshot or
     raises DownloadError. Raises InvalidRequestError (bad id/path), DownloadError (HTTP errors, §9.4
     selection errors, checksum, disk space), NetworkError (hub unreachable after retries).
     A `progress` callback that raises cancels the pull with its exception; the partial file stays in
@@ -480,18 +480,18 @@ def download_checkpoint(checkpoint: str, recipe: str, mmproj: str = "", progress
     repo = RepoDir.of(repo_id)
     check_revision(revision)
     if is_offline():
-        if is_checkpoint_downloaded(checkpoint, recipe, mmproj, revision):
+        if is_checkpoint_downloaded(checkpoint, select, revision):
             return cached_snapshot(repo, revision)
         raise DownloadError(f"Offline mode is enabled (LEMONADE_OFFLINE / HF_HUB_OFFLINE) and {checkpoint} "
                             f"is not in the Hugging Face cache {repo.cache}")
     try:
         info = fetch_repo_info(repo_id, revision)
     except NetworkError:
-        if is_checkpoint_downloaded(checkpoint, recipe, mmproj, revision):  # spec STYLE hf #6
+        if is_checkpoint_downloaded(checkpoint, select, revision):  # spec STYLE hf #6
             log.warning("Hugging Face is unreachable; using the cached %s", checkpoint)
             return cached_snapshot(repo, revision)
         raise
-    files = select_files(info.siblings, variant, mmproj, recipe, repo_id)
+    files = select(info.siblings, variant, repo_id)
     commit = info.commit
     ensure_cache_dirs(repo, commit)
     write_ref(repo, revision, commit)  # after the snapshot dir exists (FD:1233-1242)

@@ -1,13 +1,18 @@
-"""Which files of a Hugging Face repo a pull downloads (C++ `model_manager.cpp` `identify_gguf_models`).
+"""Which files of a Hugging Face repo a pull takes (C++ `model_manager.cpp` `identify_gguf_models`).
 
-Pure functions, no I/O: `select_files` is table-tested against every case of spec
-router-and-backends.md §9.4, and `is_checkpoint_downloaded` reuses it on the files found in the cache.
+Pure functions, no I/O. A *selection* is a function `(siblings, variant, repo) -> [repo paths]`; each
+recipe's spec (`lemonade.backends.registry`) names the one it uses: `gguf_selection(mmproj)` for
+llama.cpp (table-tested against every case of spec router-and-backends.md §9.4) or `whole_repo`.
+The downloader applies it to the hub's listing and `hf_cache.checkpoint_files` to the cached one, so
+"what a pull fetches" and "is it downloaded" are one rule.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from lemonade.error_types import DownloadError
 
-RECIPE_LLAMACPP = "llamacpp"
+Selection = Callable[[list, str, str], list]  # (siblings, variant, repo) -> repo paths, in order
 
 # Downloaded beside the GGUF when the repo has them (C++ model_manager.cpp L1100-1105).
 CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -38,57 +43,60 @@ def split_checkpoint(checkpoint: str) -> tuple[str, str]:
     return repo, variant
 
 
-def _is_gguf(name: str) -> bool:
+def is_gguf(name: str) -> bool:
+    """The one GGUF test of the project: the name ends in `.gguf`, in any case."""
     return name.lower().endswith(".gguf")
 
 
-def _is_mmproj(name: str) -> bool:
+def is_mmproj(name: str) -> bool:
     return "mmproj" in name.lower()
 
 
 def select_gguf(siblings: list[str], variant: str, repo: str = "") -> list[str]:
     """The GGUF file(s) of `variant`, first the one llama-server is given. Raises DownloadError."""
     if variant == "*":  # case 0: every .gguf, sorted (mmproj included, as in C++)
-        found = sorted(f for f in siblings if _is_gguf(f))
+        found = sorted(f for f in siblings if is_gguf(f))
         if not found:
             raise DownloadError(f"No .gguf files found in repository {repo}. {VARIANT_HINT}")
         return found
-    if _is_gguf(variant):  # case 1: an exact repo path (case-sensitive match, as in C++)
+    if is_gguf(variant):  # case 1: an exact repo path (case-sensitive match, as in C++)
         if variant not in siblings:
             raise DownloadError(
                 f"File {variant} not found in Hugging Face repository {repo}. {VARIANT_HINT}")
         return [variant]
     if not variant:  # case 2: the first non-mmproj .gguf in repo order
         for f in siblings:
-            if _is_gguf(f) and not _is_mmproj(f):
+            if is_gguf(f) and not is_mmproj(f):
                 return [f]
         raise DownloadError(f"No .gguf files found in Hugging Face repository {repo}. {VARIANT_HINT}")
     suffix = f"{variant}.gguf".lower()  # case 3: the single file ending in <variant>.gguf
-    ending = [f for f in siblings if f.lower().endswith(suffix) and not _is_mmproj(f)]
+    ending = [f for f in siblings if f.lower().endswith(suffix) and not is_mmproj(f)]
     if len(ending) == 1:
         return ending
     if len(ending) > 1:
         raise DownloadError(
             f"Multiple .gguf files found for variant {variant}, but only one is allowed. {VARIANT_HINT}")
     prefix = f"{variant}/".lower()  # case 4: every .gguf in the folder <variant>/ (sharded models)
-    shards = sorted(f for f in siblings if _is_gguf(f) and f.lower().startswith(prefix))
+    shards = sorted(f for f in siblings if is_gguf(f) and f.lower().startswith(prefix))
     if not shards:
         raise DownloadError(f"No .gguf files found for variant {variant}. {VARIANT_HINT}")
     return shards
 
 
-def select_files(siblings: list[str], variant: str, mmproj: str, recipe: str, repo: str = "") -> list[str]:
-    """Repo paths to download, in download order, without duplicates. Pure; raises DownloadError.
+def gguf_selection(mmproj: str = "") -> Selection:
+    """llama.cpp's rule: the variant's GGUF(s) (§9.4), then `mmproj` (must exist), then the config
+    files the repo has; no duplicates. The first path is the file llama-server is given."""
+    def select(siblings: list, variant: str, repo: str = "") -> list:
+        files = select_gguf(siblings, variant, repo)
+        if mmproj:
+            if mmproj not in siblings:
+                raise DownloadError(f"The provided mmproj file {mmproj} was not found in {repo}.")
+            files.append(mmproj)
+        files.extend(f for f in CONFIG_FILES if f in siblings)
+        return list(dict.fromkeys(files))
+    return select
 
-    llamacpp: the variant's GGUF(s) (§9.4), then `mmproj` (must exist), then the config files the repo
-    has. Other recipes: every file of the repo. `repo` only fills the error messages.
-    """
-    if recipe != RECIPE_LLAMACPP:
-        return list(dict.fromkeys(siblings))
-    files = select_gguf(siblings, variant, repo)
-    if mmproj:
-        if mmproj not in siblings:
-            raise DownloadError(f"The provided mmproj file {mmproj} was not found in {repo}.")
-        files.append(mmproj)
-    files.extend(f for f in CONFIG_FILES if f in siblings)
-    return list(dict.fromkeys(files))
+
+def whole_repo(siblings: list, variant: str = "", repo: str = "") -> list:
+    """Every file of the repo, in listing order (ONNX and other directory-shaped models)."""
+    return list(dict.fromkeys(siblings))

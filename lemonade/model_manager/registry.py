@@ -46,6 +46,19 @@ class ModelInfo:
     def is_user(self) -> bool:
         return self.name.startswith(USER_PREFIX)
 
+    @property
+    def model_type(self) -> str:
+        """HEAD's type from labels (`model_types.h`): `chat` first, then embedding, reranking; else llm.
+        The router keeps one pool of loaded models per type."""
+        labels = set(self.labels)
+        if "chat" in labels:
+            return "llm"
+        if labels & {"embeddings", "embedding"}:
+            return "embedding"
+        if "reranking" in labels:
+            return "reranking"
+        return "llm"
+
     def public_dict(self) -> dict[str, Any]:
         """The entry as the web UI's SERVER_MODELS sees it (http-api §4.20)."""
         return {"checkpoint": self.checkpoint, "labels": self.labels, "mmproj": self.mmproj,

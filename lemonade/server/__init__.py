@@ -82,16 +82,16 @@ def _attach_log_file() -> None:
 
 def _serve(config, on_ready, persistent: bool) -> int:
     from lemonade import single_instance
+    from lemonade.backends import registry
     from lemonade.backends.llamacpp_server import LlamaCppOptions
     from lemonade.error_types import LemonadeError
-    from lemonade.model_manager import ModelManager
-    from lemonade.router import Router
+    from lemonade.router import Limits, Router
     from lemonade.server.handlers import Api
     from lemonade.server.httpd import CLIENT_IDLE_TIMEOUT, LemonadeHTTPServer, serve_forever_in_thread
     from lemonade.utils import path_utils
 
     _attach_log_file()
-    models = ModelManager()
+    models = registry.model_manager()
     try:
         models.supported_models()
     except LemonadeError as e:
@@ -101,9 +101,9 @@ def _serve(config, on_ready, persistent: bool) -> int:
             log.info("Embedded model %s placed in the Hugging Face cache", info.name)
     except LemonadeError as e:
         log.warning("Could not place the embedded models: %s", e.message)
-    router = Router(models, LlamaCppOptions(ctx_size=config.ctx_size, backend=config.llamacpp,
-                                            custom_args=config.llamacpp_args,
-                                            binary=config.llama_server))
+    options = LlamaCppOptions(ctx_size=config.ctx_size, backend=config.llamacpp,
+                              custom_args=config.llamacpp_args, binary=config.llama_server)
+    router = Router(models, options, Limits(config.max_loaded_models, config.idle_timeout))
     stop = threading.Event()
     api = Api(router, models, config, on_shutdown=stop.set)
     bind_host = "127.0.0.1" if config.host == "localhost" else config.host

@@ -12,11 +12,12 @@ import re
 import threading
 from typing import Any
 
-from lemonade import streaming_proxy
+from lemonade import __version__, streaming_proxy
 from lemonade.error_types import (InvalidRequestError, LemonadeError, ModelNotFoundError,
-                                  ModelNotLoadedError, error_body, simple_error_body)
+                                  ModelNotLoadedError, ModelNotLoadedNamedError, simple_error_body)
 from lemonade.server.httpd import ClientDisconnected
 from lemonade.utils.json_utils import dumps
+from lemonade.wrapped_server import BackendCall, StartProgress
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +119,26 @@ class Api:
     # -- status ------------------------------------------------------------------------------------
 
     def health(self, h) -> None:
+        """GA's keys plus HEAD's list of every loaded model (head-llm-surface.md §3.10)."""
         loaded = self.router.loaded()
+        current = loaded[0].info if loaded else None
+        limit = self.router.limits.max_loaded
+        pinned = self.router.pinned_count()
         h.send_json(200, {
-            "checkpoint_loaded": loaded.checkpoint if loaded else None,
+            "all_models_loaded": [health_entry(m) for m in loaded],
+            "checkpoint_loaded": current.checkpoint if current else None,
             "context_size": self.config.ctx_size,
             "log_streaming": {"sse": True, "websocket": False},
-            "model_loaded": loaded.name if loaded else None,
+            "max_models": {kind: limit for kind in MODEL_TYPES},
+            "model_loaded": current.name if current else None,
+            "pinned_models": {kind: pinned.get(kind, 0) for kind in MODEL_TYPES},
             "status": "ok",
+            "version": __version__,
         })
+
+    def live(self, h) -> None:
+        """Liveness only: touches neither models nor the router (HEAD §7.7)."""
+        h.send_json(200, {"status": "ok"})
 
     def models(self, h) -> None:
         show_all = h.query.get("show_all", [""])[0] == "true"
@@ -154,9 +167,10 @@ class Api:
 
     def system_info(self, h) -> None:
         from lemonade import system_info
+        from lemonade.backends.registry import inference_engines
 
         verbose = h.query.get("verbose", [""])[0].lower() in ("true", "1")
-        h.send_json(200, system_info.get_system_info(verbose))
+        h.send_json(200, system_info.get_system_info(verbose, engines=inference_engines))
 
     # -- inference ---------------------------------------------------------------------------------
 
@@ -169,50 +183,19 @@ class Api:
         messages = optional_field(body, "messages", list, "array")
         if messages is not None and not all(isinstance(m, dict) for m in messages):
             raise InvalidRequestError("'messages' must be an array of objects")
-        if model is None and self.router.loaded() is None:
-            h.send_json(400, simple_error_body("No model loaded and no model specified in request"))
-            raise _Answered()
         return raw, body, model, bool(stream)
 
     def _proxy(self, h, endpoint: str, rewrite=None, check=None, telemetry: bool = True) -> None:
-        try:
-            raw, body, model, stream = self._inference_body(h)
-        except _Answered:
-            return
+        raw, body, model, stream = self._inference_body(h)
         if rewrite and rewrite(body):
             raw = None  # the body changed: it is serialised again
-        with self.router.use(model) as backend:
-            if stream:
-                self._relay(h, backend, endpoint, raw, body)
-                return
-            reply = self.router.forward(backend, endpoint, body, raw, telemetry=telemetry)
-        if reply.status == 200:
-            status, answer = check(reply.body) if check else (200, reply.body)
-            h.send_json(status, answer)
-        else:  # C++ wraps it and answers 200; we keep the wrapper and the backend's status
-            h.send_json(reply.status, backend_error_body(backend.server_name, reply.status, reply.body))
+        call = BackendCall(endpoint, body, raw, stream, telemetry)
+        self.router.forward(model, call, OpenAiSink(h, check), progress=self._log_progress)
 
-    def _relay(self, h, backend, endpoint: str, raw: bytes | None, body: dict) -> None:
-        """Stream the backend's SSE answer. `raw` is the client's body when nothing rewrote it: C++
-        forwards the original bytes in that case (§4.4)."""
-        response = backend.open_stream(endpoint, backend.request_payload(endpoint, body, raw))
-        if response.status_code != 200:
-            # Answer with the backend's status and body instead of a broken 200 stream (C++ §5).
-            try:
-                detail = response.json_or_text()
-            finally:
-                response.close()
-            h.send_json(response.status_code,
-                        backend_error_body(backend.server_name, response.status_code, detail))
-            return
-        h.start_sse()
-        result = streaming_proxy.relay(response, _chunk_writer(h))
-        if result.completed:
-            h.end_chunks()
-            if result.last_stats_frame:
-                backend.telemetry.update(result.last_stats_frame, streaming=True)
-        else:
-            h.close_connection = True
+    @staticmethod
+    def _log_progress(event) -> None:
+        """An auto-load's progress goes to the log (a pull's goes to its client as well)."""
+        log.debug("Load progress: %s", event)
 
     def chat_completions(self, h) -> None:
         self._proxy(h, "/v1/chat/completions", rewrite=apply_no_think)
@@ -227,35 +210,76 @@ class Api:
         self._proxy(h, "/v1/rerank", telemetry=False)
 
     def responses(self, h) -> None:
-        try:
-            _, _, model, _ = self._inference_body(h)
-        except _Answered:
-            return
-        with self.router.use(model) as backend:
-            recipe = backend.recipe
+        _, _, model, _ = self._inference_body(h)
+        recipe = self.router.load(model)[0].recipe if model else self._current_recipe()
         # B loads first, then refuses every non-OGA recipe (§4.8); no OGA backend exists on Linux.
         h.send_json(422, {"error": {"code": "responses_not_supported",
                                     "message": f"Responses API not supported for recipe: {recipe}",
                                     "type": "unsupported_recipe"}})
 
+    def _current_recipe(self) -> str:
+        from lemonade.error_types import NoModelError
+
+        current = self.router.most_recent()
+        if current is None:
+            raise NoModelError()
+        return current.recipe
+
     # -- model management --------------------------------------------------------------------------
 
     def load(self, h) -> None:
+        """Load a model (GA body), with HEAD's `pinned` and our `stream: true`: the load's progress
+        (download, llama.cpp install, waiting for health) as the SSE events of a pull."""
         body = parse_json_object(h.read_body())
         name = optional_field(body, "model_name", str, "string")
         if not name:
             raise InvalidRequestError("'model_name' is required")
-        info, already = self.router.load(name)
-        answer = {"checkpoint": info.checkpoint, "model_name": info.name, "recipe": info.recipe,
-                  "status": "success"}
-        if already:
-            answer["message"] = "Model already loaded"
-        h.send_json(200, answer)
+        pinned = optional_field(body, "pinned", bool, "boolean")
+
+        def work(progress) -> dict[str, Any]:
+            info, already = self.router.load(name, pinned=pinned, progress=progress)
+            answer = {"checkpoint": info.checkpoint, "model_name": info.name, "recipe": info.recipe,
+                      "status": "success"}
+            if already:
+                answer["message"] = "Model already loaded"
+            return answer
+
+        if optional_field(body, "stream", bool, "boolean"):
+            progress_stream(h, work)
+        else:
+            h.send_json(200, work(None))
 
     def unload(self, h) -> None:
-        h.read_body()  # ignored, as in C++
+        """Unload every model, or the one named by `model_name` / `model` (HEAD §3.6; GA ignored the
+        body). A body that is not JSON means "all", as in HEAD."""
+        raw = h.read_body()
+        try:
+            body = parse_json_object(raw) if raw.strip() else {}
+        except InvalidRequestError:
+            body = {}
+        name = body.get("model_name") or body.get("model")
+        if isinstance(name, str) and name:
+            name = name.removesuffix(":latest")
+            self.router.unload(name)
+            h.send_json(200, {"message": "Model unloaded successfully", "model_name": name, "status": "success"})
+            return
         self.router.unload()
         h.send_json(200, {"message": "Model unloaded successfully", "status": "success"})
+
+    def pin(self, h) -> None:
+        """`POST /internal/pin {"model_name", "pinned"}` (HEAD §3.7): every error is a 400."""
+        body = parse_json_object(h.read_body())
+        name = body.get("model_name") or body.get("model")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequestError("Parameter 'model' or 'model_name' is required")
+        pinned = body.get("pinned")
+        if not isinstance(pinned, bool):
+            raise InvalidRequestError("Parameter 'pinned' is required and must be a boolean")
+        try:
+            self.router.set_pinned(name, pinned)
+        except ModelNotLoadedNamedError as e:
+            raise InvalidRequestError(e.message) from e
+        h.send_json(200, {"model_name": name, "pinned": pinned, "status": "success"})
 
     def pull(self, h) -> None:
         body = parse_json_object(h.read_body())
@@ -270,29 +294,15 @@ class Api:
             "mmproj": optional_field(body, "mmproj", str, "string") or "",
             "do_not_upgrade": bool(optional_field(body, "do_not_upgrade", bool, "boolean")),
         }
+
+        def work(progress) -> dict[str, Any]:
+            self.manager.download(name, progress=progress, **kwargs)
+            return {"model_name": name, "status": "success"}
+
         if optional_field(body, "stream", bool, "boolean"):
-            self._pull_stream(h, name, kwargs)
-            return
-        self.manager.download(name, **kwargs)
-        h.send_json(200, {"model_name": name, "status": "success"})
-
-    def _pull_stream(self, h, name: str, kwargs: dict) -> None:
-        """SSE variant added upstream after GA: `progress`, then `complete` or `error` events."""
-        h.start_sse()
-        write = _chunk_writer(h)
-
-        def on_progress(p) -> None:
-            write(b"event: progress\ndata: " + dumps(progress_event(p)) + b"\n\n")
-
-        try:
-            self.manager.download(name, progress=on_progress, **kwargs)
-            write(b"event: complete\ndata: " + dumps({"model_name": name, "status": "success"}) + b"\n\n")
-        except LemonadeError as e:
-            write(b"event: error\ndata: " + dumps({"error": e.message}) + b"\n\n")
-        except streaming_proxy.ClientGone:
-            h.close_connection = True
-            return
-        h.end_chunks()
+            progress_stream(h, work)  # the SSE variant added upstream after GA
+        else:
+            h.send_json(200, work(None))
 
     def delete(self, h) -> None:
         body = parse_json_object(h.read_body())
@@ -354,12 +364,6 @@ class Api:
         webui.serve_static(h, path)
 
 
-def backend_error_body(server_name: str, status: int, response: Any) -> dict[str, Any]:
-    """C++ B's wrapper of a backend's non-200 answer (§4.4): `<server> request failed`."""
-    return error_body(f"{server_name} request failed", "backend_error",
-                      {"response": response, "status_code": status})
-
-
 def _check_completion(body) -> tuple[int, Any]:
     """C++ completions (§4.5): a backend body with `error` → 500 with it; without `choices` → 500."""
     if isinstance(body, dict) and "error" in body:
@@ -369,8 +373,66 @@ def _check_completion(body) -> tuple[int, Any]:
     return 200, body
 
 
-class _Answered(Exception):
-    """The handler already wrote its answer."""
+MODEL_TYPES = ("llm", "embedding", "reranking")  # the pools /health reports (HEAD lists more types)
+
+
+def health_entry(model) -> dict[str, Any]:
+    """One `all_models_loaded` entry (HEAD `router.cpp` 1286-1359; fields we cannot know are left out)."""
+    info, backend = model.info, model.backend
+    busy = model.in_flight > 0
+    return {"model_name": info.name, "checkpoint": info.checkpoint, "type": info.model_type,
+            "residency_class": "standard", "slot_pool": f"standard/{info.model_type}", "device": "cpu",
+            "backend_url": backend.base_url(), "pid": backend.pid, "launch_command": backend.launch_command,
+            "status": "in_use" if busy else "ready", "backend_alive": True,
+            "backend_health": "busy" if busy else "ready", "loaded": True, "watchdog_reset": False,
+            "pinned": model.pinned, "recipe": info.recipe, "recipe_options": {}, "is_busy": busy,
+            "is_streaming": model.streams > 0, "last_use": int(model.last_use * 1000)}
+
+
+class OpenAiSink:
+    """Delivers a backend's answer in the OpenAI shapes of C++ (http-api §4.4-§4.7, §5)."""
+
+    def __init__(self, h, check=None):
+        self.h, self.check = h, check
+
+    def json(self, status: int, body: Any) -> None:
+        if status == 200 and self.check:
+            status, body = self.check(body)
+        self.h.send_json(status, body)
+
+    def stream_start(self) -> None:
+        self.h.start_sse()
+
+    def stream_chunk(self, data: bytes) -> None:
+        try:
+            self.h.write_chunk(data)
+        except ClientDisconnected as e:
+            raise streaming_proxy.ClientGone() from e
+
+    def stream_end(self, error: dict | None) -> None:
+        if error is not None:  # an OpenAI error object in a data frame, and no [DONE] (HEAD §7.4)
+            self.stream_chunk(b"data: " + dumps({"error": error}) + b"\n\n")
+        self.h.end_chunks()
+
+
+def progress_stream(h, work) -> None:
+    """Run `work(progress)` with its progress as SSE `progress` events, then `complete` with its
+    result, or `error` (a pull's event stream; a load's uses the same, http-api §4.9)."""
+    h.start_sse()
+    write = _chunk_writer(h)
+
+    def on_progress(event) -> None:
+        write(b"event: progress\ndata: " + dumps(progress_event(event)) + b"\n\n")
+
+    try:
+        result = work(on_progress)
+        write(b"event: complete\ndata: " + dumps(result) + b"\n\n")
+    except LemonadeError as e:
+        write(b"event: error\ndata: " + dumps({"error": e.message}) + b"\n\n")
+    except streaming_proxy.ClientGone:
+        h.close_connection = True
+        return
+    h.end_chunks()
 
 
 def _chunk_writer(h):
@@ -383,7 +445,10 @@ def _chunk_writer(h):
 
 
 def progress_event(p) -> dict[str, Any]:
-    """A DownloadProgress as upstream's SSE `progress` event fields."""
+    """A progress event as upstream's SSE `progress` fields: a DownloadProgress (file bytes), or a
+    load's StartProgress (waiting for the backend's health)."""
+    if isinstance(p, StartProgress):
+        return {"stage": p.stage, "model_name": p.model, "elapsed": round(p.elapsed, 1)}
     return {"file": p.file, "file_index": p.file_index, "total_files": p.file_count,
             "bytes_downloaded": p.bytes_done, "bytes_total": p.bytes_total,
             "total_download_size": p.total_bytes, "total_downloaded": p.total_done,

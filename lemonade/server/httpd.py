@@ -1,4 +1,5 @@
-"""HTTP plumbing of the server (C++ `server/server.cpp`): the route table, CORS, error shapes, SSE framing.
+"""HTTP plumbing of the server (C++ `server/server.cpp`): dispatch through the route table
+(`routes`), pre-dispatch hooks, CORS, error shapes, SSE framing.
 
 `ThreadingHTTPServer` with HTTP/1.1 keep-alive. Handlers are thin: parse, call the router or the
 model manager, write. Every response goes through `_send`, which adds CORS and writes headers and
@@ -8,21 +9,21 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Optional
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from lemonade import error_types
 from lemonade.error_types import (InvalidRequestError, LemonadeError, RequestTimeoutError,
                                   RequestTooLargeError)
+from lemonade.server.routes import METHOD_NOT_ALLOWED, Head, Route, RouteTable, default_table
 from lemonade.utils.json_utils import dumps
 from lemonade.utils.http_client import HeaderError, header_lines
 
 log = logging.getLogger(__name__)
 
-API_PREFIXES = ("/api/v0/", "/api/v1/")
 MAX_JSON_BODY = 32 * 1024 * 1024  # larger bodies get 413 without being read
 CLIENT_IDLE_TIMEOUT = 60.0  # a silent client cannot pin a handler thread forever
 HANDLER_IDLE_SECONDS = 5.0  # how long a handler thread without a connection waits for the next one
@@ -40,51 +41,6 @@ SSE_HEADERS = (("Content-Type", "text/event-stream"), ("Cache-Control", "no-cach
                ("Connection", "keep-alive"), ("X-Accel-Buffering", "no"),
                ("Transfer-Encoding", "chunked"))
 METHOD_NOT_ALLOWED_BODY = b'{"error": "Method Not Allowed. Use POST for this endpoint"}'  # literal in C++
-
-# The route table: API path (after /api/v0/ or /api/v1/) -> method name of `handlers.Api`.
-API_GET = {"health": "health", "models": "models", "stats": "stats", "system-info": "system_info",
-           "logs/stream": "logs_stream"}
-API_POST = {"chat/completions": "chat_completions", "completions": "completions",
-            "embeddings": "embeddings", "reranking": "reranking", "rerank": "reranking",
-            "responses": "responses", "pull": "pull", "load": "load", "unload": "unload",
-            "delete": "delete", "params": "params", "add-local-model": "add_local_model",
-            "log-level": "log_level"}
-HEAD_SHORTCUT = {"health", "models", "stats", "system-info"}
-# Handlers whose C++ twins answer failures as `{"error": "<text>"}` (a string, read as such by the
-# C++ CLI and the web UI); we keep that shape and give a fitting status instead of a blanket 500.
-STRING_ERROR_HANDLERS = {"load", "pull", "delete", "embeddings", "reranking", "responses", "log_level",
-                         "add_local_model", "params"}  # HEAD → empty 200, no work (§2.5)
-MODEL_BY_ID = re.compile(r"^models/(.+)$")
-OTHER_ROUTES = {("POST", "/internal/shutdown"): "shutdown", ("POST", "/api/v1/test"): "test",
-                ("GET", "/"): "root", ("GET", "/webapp.html"): "webapp"}
-
-
-def match_route(method: str, path: str) -> tuple[str | None, dict]:
-    """(handler name, params) for a request; handler None means 404. Pure, table-tested.
-
-    Special names: "head_ok" (HEAD shortcut), "method_not_allowed" (GET/HEAD on a POST endpoint).
-    """
-    verb = "GET" if method == "HEAD" else method
-    if (verb, path) in OTHER_ROUTES:
-        return OTHER_ROUTES[(verb, path)], {}
-    if verb == "GET" and path.startswith("/static/"):
-        return "static", {"path": path[len("/static/"):]}
-    prefix = next((p for p in API_PREFIXES if path.startswith(p)), None)
-    if prefix is None:
-        return None, {}
-    endpoint = path[len(prefix):]
-    if verb == "GET":
-        if endpoint in API_GET:
-            return ("head_ok" if method == "HEAD" and endpoint in HEAD_SHORTCUT else API_GET[endpoint]), {}
-        match = MODEL_BY_ID.match(endpoint)
-        if match:
-            return "model_by_id", {"id": match.group(1)}
-        if endpoint in API_POST:
-            return "method_not_allowed", {}
-    if verb == "POST" and endpoint in API_POST:
-        return API_POST[endpoint], {}
-    return None, {}
-
 
 class Headers:
     """Request header fields: names case-insensitive, repeated fields kept in order.
@@ -132,8 +88,7 @@ class ResponseComplete(Exception):
     """The handler has written everything it will (e.g. the headers of a HEAD on an SSE route)."""
 
 
-# Handlers that read the request body themselves; for every other route the body is discarded first.
-_BODY_READERS = set(API_POST.values()) | {"shutdown", "test"}
+Hook = Callable[["Handler", Optional[Route]], bool]  # True: the hook answered the request itself
 
 
 class LemonadeHTTPServer(ThreadingHTTPServer):
@@ -147,10 +102,14 @@ class LemonadeHTTPServer(ThreadingHTTPServer):
     request_queue_size = 128
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], api, client_timeout: float = CLIENT_IDLE_TIMEOUT):
+    def __init__(self, address: tuple[str, int], api, client_timeout: float = CLIENT_IDLE_TIMEOUT,
+                 routes: RouteTable | None = None, hooks: list[Hook] | None = None):
         """`client_timeout` bounds every read from and write to a client socket (idle keep-alive,
-        a stalled request line, header or body, a client that stops reading a stream)."""
+        a stalled request line, header or body, a client that stops reading a stream). `hooks` run
+        before every dispatch, in order (origin checks, keys, metrics plug in here)."""
         self.api = api
+        self.routes = routes or default_table()
+        self.hooks: list[Hook] = list(hooks or ())
         self.client_timeout = client_timeout
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.address_family = family
@@ -308,38 +267,44 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error_exc(InvalidRequestError(f"Malformed request target: {e}"))
             self._log_done()
             return
-        # OPTIONS: any path, no check that it exists (C++ §2.4).
-        name, params = ("options", {}) if method == "OPTIONS" else match_route(method, self.url_path)
+        route, params = self.server.routes.match(method, self.url_path)
+        self.route = route
         try:
-            if name not in _BODY_READERS:
-                self._discard_body()  # keep-alive needs the body off the wire before we answer
-            if name == "options":
-                self._send(204, b"", None)
-            elif name is None:
-                self.send_json(404, error_types.not_found_body(self.url_path))
-            elif name == "head_ok":
-                self._send(200, b"", None)
-            elif name == "method_not_allowed":
-                self._send(405, METHOD_NOT_ALLOWED_BODY, "application/json")
-            else:
-                getattr(self.server.api, name)(self, **params)
+            self._serve(method, route, params)
         except ResponseComplete:
             pass
         except (ClientDisconnected, BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except LemonadeError as e:
-            self.send_error_exc(e, string_body=name in STRING_ERROR_HANDLERS)
+            self.send_error_exc(e)
         except TimeoutError:  # the client stalled mid-body (socket timeout): free the thread
             self.close_connection = True
             self.send_error_exc(RequestTimeoutError(
                 f"Request body not received within {self.server.client_timeout:g} s"))
         except RecursionError:  # JSON nested deeper than the interpreter can walk
-            self.send_error_exc(InvalidRequestError("Request JSON is nested too deeply"),
-                                string_body=name in STRING_ERROR_HANDLERS)
+            self.send_error_exc(InvalidRequestError("Request JSON is nested too deeply"))
         except Exception as e:  # the last line of defence: a JSON 500, never a dead thread
             log.exception("Error handling %s %s", method, self.url_path)
             self.send_error_exc(LemonadeError(f"{type(e).__name__}: {e}"))
         self._log_done()
+
+    def _serve(self, method: str, route: Route | None, params: dict[str, str]) -> None:
+        """Hooks, then the row's rules, then its handler."""
+        if route is None or not route.reads_body or method == "OPTIONS":
+            self._discard_body()  # keep-alive needs the body off the wire before we answer
+        for hook in self.server.hooks:
+            if hook(self, route):
+                return
+        if method == "OPTIONS":  # any path, no check that it exists (C++ §2.4)
+            self._send(204, b"", None)
+        elif route is None:
+            self.send_json(404, error_types.not_found_body(self.url_path))
+        elif route.handler == METHOD_NOT_ALLOWED:
+            self._send(405, METHOD_NOT_ALLOWED_BODY, "application/json")
+        elif method == "HEAD" and route.head is Head.EMPTY:
+            self._send(200, b"", None)
+        else:
+            getattr(self.server.api, route.handler)(self, **params)
 
     def _log_done(self) -> None:
         log.info("[Server] %s %s - %s", self.command, self.url_path, self.status_sent or "closed")
@@ -437,16 +402,15 @@ class Handler(BaseHTTPRequestHandler):
     def send_bytes(self, status: int, body: bytes, content_type: str, headers: tuple = ()) -> None:
         self._send(status, body, content_type, headers)
 
-    def send_error_exc(self, error: LemonadeError, string_body: bool = False) -> None:
+    def send_error_exc(self, error: LemonadeError) -> None:
+        """Answer `error` in the shape of the route that failed (`error_types.render`)."""
         if self.status_sent:
             return  # headers already went out (e.g. mid-stream); nothing sane to add
-        body = error.to_body()
-        if string_body:
-            body = error_types.simple_error_body(error.message)
-        elif error.status == 404:
-            body = error_types.not_found_body(self.url_path, error.message)
+        route = getattr(self, "route", None)
+        style = route.errors.value if route is not None else "openai"
+        status, body = error_types.render(error, style, self.url_path)
         try:
-            self.send_json(error.status, body)
+            self.send_json(status, body)
         except OSError:
             self.close_connection = True
 

@@ -12,6 +12,7 @@ from pathlib import Path, PurePosixPath
 
 from lemonade.error_types import (ConflictError, InvalidRequestError, LemonadeError, LengthRequiredError,
                                   RegistryError, RequestTooLargeError, simple_error_body)
+from lemonade.backends import registry
 from lemonade.model_manager import USER_PREFIX
 from lemonade.model_manager.registry import ModelInfo, save_user_model
 from lemonade.server import multipart
@@ -20,7 +21,6 @@ from lemonade.utils import path_utils
 log = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 256 * 1024**3  # larger uploads get 413 before a byte of the body is read
-RECIPES = ("llamacpp", "oga-npu", "oga-hybrid", "oga-cpu")
 _TRUE = ("true", "True", "1")
 
 
@@ -61,8 +61,11 @@ def _store(h, manager, length: int, boundary: str, staging: Path, cache: Path) -
         fields, files = _receive(h, length, boundary, staging)
         info = _validate(fields, files, manager)
         target = cache / ("models--" + info.name[len(USER_PREFIX):].replace("/", "-"))
-        if target.exists():
-            shutil.rmtree(target)
+        if target.exists() or target.is_symlink():
+            # Never replace a folder this upload did not create: `user.org--repo` would otherwise
+            # delete the hub download `models--org--repo` (C++ B removes it).
+            raise ConflictError(f"Model name '{info.name}' maps onto the existing cache folder "
+                                f"{target.name}; please use a different name.")
         staging.rename(target)
         _finish_registration(info, fields, files, target, cache)
     except LemonadeError as e:
@@ -105,12 +108,12 @@ def _validate(fields: dict[str, str], files: list[PurePosixPath], manager) -> Mo
         raise RegistryError("model_name and recipe are required")
     if not name.startswith(USER_PREFIX):
         raise RegistryError("Model name must start with 'user.'")
-    if recipe not in RECIPES:
-        raise RegistryError("Invalid recipe. Must be one of: " + ", ".join(RECIPES))
+    recipes = registry.uploadable_recipes()
+    if recipe not in recipes:
+        raise RegistryError("Invalid recipe. Must be one of: " + ", ".join(recipes))
     if not files:
         raise RegistryError("No model files provided for upload")
-    if recipe == "llamacpp" and not any(".gguf" in str(f).lower() for f in files):
-        raise RegistryError("At least one .gguf file is required for llamacpp")
+    registry.spec_for(recipe).check_upload([f.name for f in files])
     if name in manager.supported_models():
         raise ConflictError(f"Model name '{name}' already exists. Please use a different name.")
     labels = ["custom"] + (["reasoning"] if fields.get("reasoning") in _TRUE else []) \
@@ -121,29 +124,12 @@ def _validate(fields: dict[str, str], files: list[PurePosixPath], manager) -> Mo
 
 def _finish_registration(info: ModelInfo, fields: dict, files: list[PurePosixPath], target: Path,
                          cache: Path) -> None:
-    resolved = _resolve_upload(info, target)
+    variant = info.checkpoint.split(":", 1)[1] if ":" in info.checkpoint else ""
+    resolved = registry.spec_for(info.recipe).upload_target(target, variant)
     info.checkpoint = str(resolved.relative_to(cache))
     if info.mmproj:
         match = next((target / f for f in files if f.name == info.mmproj), None)
-        if match is not None:
-            info.mmproj = str(match)
+        # Stored relative to the cache like the checkpoint (C++ stores an absolute path).
+        info.mmproj = str(match.relative_to(cache)) if match is not None else ""
     save_user_model(info)
     log.info("Registered uploaded model %s at %s", info.name, resolved)
-
-
-def _resolve_upload(info: ModelInfo, directory: Path) -> Path:
-    """C++ resolution of an upload: OGA → the dir holding genai_config.json; llamacpp → the variant
-    file, else the first non-mmproj GGUF; else the directory."""
-    if info.recipe.startswith("oga-"):
-        config = next(iter(sorted(directory.rglob("genai_config.json"))), None)
-        return config.parent if config else directory
-    variant = info.checkpoint.split(":", 1)[1] if ":" in info.checkpoint else ""
-    ggufs = sorted(p for p in directory.rglob("*") if p.is_file() and ".gguf" in p.name.lower())
-    if variant:
-        for p in ggufs:
-            if p.name in (variant, variant + ".gguf"):
-                return p
-    for p in ggufs:
-        if "mmproj" not in p.name.lower():
-            return p
-    return directory

@@ -1,0 +1,134 @@
+"""The route table (C++ `server/server.cpp` `setup_routes`): one row per method and path, carrying
+every attribute the dispatcher needs, so nothing about a route is kept anywhere else.
+
+A row says which `handlers.Api` method serves it, whether that handler reads the request body (every
+other body is drained before the handler runs), how its errors are shaped, what HEAD does, and which
+key class guards it (used by the pre-dispatch hooks of `httpd`). Pure data and a pure `match`,
+table-tested.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Errors(enum.Enum):
+    """How a route renders an error (`error_types.render`)."""
+
+    OPENAI = "openai"  # {"error": {"message", "type", …}} (C++ ErrorResponse)
+    STRING = "string"  # {"error": "<text>"}: the C++ management handlers' shape, read by its CLI
+
+
+class Head(enum.Enum):
+    GET = "get"  # run the GET handler; only the head of its answer is sent
+    EMPTY = "empty"  # 200 with no body and no work (C++ answers HEAD on status routes so)
+
+
+class Auth(enum.Enum):
+    """Key classes of lemonade HEAD (head-llm-surface.md §4.1)."""
+
+    PUBLIC = "public"  # the web page, static files, liveness: never a key
+    API = "api"  # inference and model routes: the API key (or the admin key)
+    ADMIN = "admin"  # /internal/*: the admin key only
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str  # GET or POST (HEAD looks up GET; OPTIONS is answered before routing)
+    path: str  # exact, or ending in "{name}": that name takes the rest of the path
+    handler: str  # a method of `handlers.Api`, or "method_not_allowed"
+    reads_body: bool = False
+    errors: Errors = Errors.OPENAI
+    head: Head = Head.GET
+    auth: Auth = Auth.API
+
+    @property
+    def param(self) -> str | None:
+        if self.path.endswith("}") and "{" in self.path:
+            return self.path[self.path.rindex("{") + 1:-1]
+        return None
+
+    @property
+    def prefix(self) -> str:
+        return self.path[:self.path.rindex("{")] if self.param else self.path
+
+
+API_PREFIXES = ("/api/v0/", "/api/v1/")
+METHOD_NOT_ALLOWED = "method_not_allowed"
+
+
+def _api(method: str, endpoint: str, handler: str, **attrs) -> list[Route]:
+    """The route under every API prefix; a POST route also answers GET (and HEAD) with 405, as C++."""
+    rows = [Route(method, prefix + endpoint, handler, **attrs) for prefix in API_PREFIXES]
+    if method == "POST":
+        rows += [Route("GET", prefix + endpoint, METHOD_NOT_ALLOWED) for prefix in API_PREFIXES]
+    return rows
+
+
+_STATUS = {"head": Head.EMPTY}  # GA's HEAD shortcut on the status routes
+_BODY = {"reads_body": True}
+_MANAGEMENT = {"reads_body": True, "errors": Errors.STRING}
+
+ROUTES: list[Route] = [
+    *_api("GET", "health", "health", **_STATUS),
+    *_api("GET", "models", "models", **_STATUS),
+    *_api("GET", "models/{id}", "model_by_id"),
+    *_api("GET", "stats", "stats", **_STATUS),
+    *_api("GET", "system-info", "system_info", **_STATUS),
+    *_api("GET", "logs/stream", "logs_stream"),
+    *_api("POST", "chat/completions", "chat_completions", **_BODY),
+    *_api("POST", "completions", "completions", **_BODY),
+    *_api("POST", "embeddings", "embeddings", **_MANAGEMENT),
+    *_api("POST", "reranking", "reranking", **_MANAGEMENT),
+    *_api("POST", "rerank", "reranking", **_MANAGEMENT),
+    *_api("POST", "responses", "responses", **_MANAGEMENT),
+    *_api("POST", "pull", "pull", **_MANAGEMENT),
+    *_api("POST", "load", "load", **_MANAGEMENT),
+    *_api("POST", "unload", "unload", **_MANAGEMENT),
+    *_api("POST", "delete", "delete", **_MANAGEMENT),
+    *_api("POST", "params", "params", **_MANAGEMENT),
+    *_api("POST", "add-local-model", "add_local_model", **_MANAGEMENT),
+    *_api("POST", "log-level", "log_level", **_MANAGEMENT),
+    Route("POST", "/api/v1/test", "test", reads_body=True),
+    Route("POST", "/internal/shutdown", "shutdown", reads_body=True, auth=Auth.ADMIN),
+    Route("POST", "/internal/pin", "pin", reads_body=True, auth=Auth.ADMIN),
+    Route("GET", "/live", "live", auth=Auth.PUBLIC),
+    Route("GET", "/", "root", auth=Auth.PUBLIC),
+    Route("GET", "/webapp.html", "webapp", auth=Auth.PUBLIC),
+    Route("GET", "/static/{path}", "static", auth=Auth.PUBLIC),
+]
+
+
+class RouteTable:
+    """Exact paths in a dict, parameterised ones in table order."""
+
+    def __init__(self, routes: list[Route]):
+        self._exact: dict[tuple[str, str], Route] = {}
+        self._patterns: list[Route] = []
+        for route in routes:
+            if route.param:
+                self._patterns.append(route)
+            elif (route.method, route.path) in self._exact:
+                raise ValueError(f"duplicate route {route.method} {route.path}")
+            else:
+                self._exact[(route.method, route.path)] = route
+
+    def match(self, method: str, path: str) -> tuple[Route | None, dict[str, str]]:
+        """The row serving `method path` and its parameters; (None, {}) means 404. HEAD is looked up
+        as GET (the row's `head` says what HEAD does)."""
+        verb = "GET" if method == "HEAD" else method
+        route = self._exact.get((verb, path))
+        if route is not None:
+            return route, {}
+        for route in self._patterns:
+            if route.method == verb and path.startswith(route.prefix) and len(path) > len(route.prefix):
+                return route, {route.param: path[len(route.prefix):]}
+        return None, {}
+
+    def __iter__(self):
+        yield from self._exact.values()
+        yield from self._patterns
+
+
+def default_table() -> RouteTable:
+    return RouteTable(ROUTES)
