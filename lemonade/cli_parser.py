@@ -11,11 +11,11 @@ psutil are imported by the command that needs them, never by `--help` or `--vers
 """
 from __future__ import annotations
 
-import os
 import re
 import sys
 
 from lemonade import __version__
+from lemonade.utils import path_utils
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 LLAMACPP_BACKENDS = ("vulkan", "rocm", "metal")
@@ -24,13 +24,11 @@ DEFAULT_HOST = "localhost"
 DEFAULT_CTX_SIZE = 4096
 COMMANDS = ("serve", "list", "pull", "delete", "run", "status", "stop")
 
-# `lemonade-server` settings read from the environment before argv (tray_app.cpp L511-516, cli.md §4).
-ENV_PORT = "LEMONADE_PORT"
-ENV_HOST = "LEMONADE_HOST"
-ENV_CTX_SIZE = "LEMONADE_CTX_SIZE"
-ENV_LLAMACPP = "LEMONADE_LLAMACPP"
-ENV_LLAMACPP_ARGS = "LEMONADE_LLAMACPP_ARGS"
-ENV_LOG_LEVEL = "LEMONADE_LOG_LEVEL"
+# `lemonade-server` settings read from the environment before argv (tray_app.cpp L511-516, cli.md §4):
+# the names and the reading belong to path_utils; the parsing is here.
+ENV_PORT, ENV_HOST, ENV_CTX_SIZE = path_utils.ENV_PORT, path_utils.ENV_HOST, path_utils.ENV_CTX_SIZE
+ENV_LLAMACPP, ENV_LLAMACPP_ARGS = path_utils.ENV_LLAMACPP, path_utils.ENV_LLAMACPP_ARGS
+ENV_LOG_LEVEL = path_utils.ENV_LOG_LEVEL
 
 PULL_USAGE = "pull <model_name> [--checkpoint CHECKPOINT] [--recipe RECIPE] [--reasoning] [--vision] [--mmproj MMPROJ]"
 DELETE_USAGE = "delete <model_name>"
@@ -241,15 +239,16 @@ def stoi(text: str) -> int | None:
 
 def _env_defaults(config: ServerConfig) -> None:
     """Environment first, flags later override (L192-194). A bad integer is ignored (L497-508)."""
+    env = path_utils.server_settings_from_env()
     for name, attr in ((ENV_PORT, "port"), (ENV_CTX_SIZE, "ctx_size")):
-        if name in os.environ:
-            value = stoi(os.environ[name])
+        if name in env:
+            value = stoi(env[name])
             if value is not None:
                 setattr(config, attr, value)
     for name, attr in ((ENV_HOST, "host"), (ENV_LOG_LEVEL, "log_level"), (ENV_LLAMACPP, "llamacpp"),
                        (ENV_LLAMACPP_ARGS, "llamacpp_args")):
-        if name in os.environ:
-            setattr(config, attr, os.environ[name])
+        if name in env:
+            setattr(config, attr, env[name])
 
 
 def parse_client_args(argv: list[str], extra_value_flags: tuple[str, ...] = ()) -> ClientArgs:

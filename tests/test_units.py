@@ -125,6 +125,52 @@ def test_path_lookup(monkeypatch, tmp_path):
     assert llamacpp_server.find_llama_server() == fake
 
 
+# -- environment: one reader (path_utils), one flag rule (huggingface_hub's) -----------------------
+
+@pytest.mark.parametrize("value, expected", [
+    ("1", True), ("true", True), ("TRUE", True), ("yes", True), ("On", True), (" 1 ", True),
+    ("0", False), ("", False), ("false", False), ("no", False), ("off", False), ("2", False), ("y", False),
+    (None, False),
+])
+def test_one_flag_rule_for_every_flag(monkeypatch, value, expected):
+    from lemonade.utils import path_utils
+
+    assert path_utils.is_true(value) is expected
+    for name, reader in ((path_utils.ENV_LEMONADE_OFFLINE, path_utils.is_offline),
+                         (path_utils.ENV_CI_MODE, path_utils.ci_mode),
+                         (path_utils.ENV_SKIP_PROCESSOR_CHECK, path_utils.skip_processor_check)):
+        for other in ("LEMONADE_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LEMONADE_CI_MODE",
+                      "RYZENAI_SKIP_PROCESSOR_CHECK"):
+            monkeypatch.delenv(other, raising=False)
+        if value is not None:
+            monkeypatch.setenv(name, value)
+        assert reader() is expected, name
+
+
+@pytest.mark.parametrize("value, seconds", [(None, 10.0), ("2", 2.0), ("0.5", 0.5), ("0", 10.0), ("-1", 10.0),
+                                            ("soon", 10.0), ("", 10.0)])
+def test_hf_timeouts(monkeypatch, value, seconds):
+    from lemonade.utils import path_utils
+
+    for name, reader in (("HF_HUB_DOWNLOAD_TIMEOUT", path_utils.hf_download_timeout),
+                         ("HF_HUB_ETAG_TIMEOUT", path_utils.hf_etag_timeout)):
+        monkeypatch.delenv(name, raising=False)
+        if value is not None:
+            monkeypatch.setenv(name, value)
+        assert reader() == seconds
+
+
+def test_server_settings_from_env(monkeypatch):
+    from lemonade.utils import path_utils
+
+    for name in path_utils.SERVER_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LEMONADE_PORT", "9000")
+    monkeypatch.setenv("LEMONADE_HOST", "")  # set but empty still counts, as with C++ getenv
+    monkeypatch.setenv("LEMONADE_UNRELATED", "x")
+    assert path_utils.server_settings_from_env() == {"LEMONADE_PORT": "9000", "LEMONADE_HOST": ""}
+
+
 def test_builtin_registry_is_upstreams():
     from lemonade.model_manager import registry
 
