@@ -171,6 +171,19 @@ def test_server_settings_from_env(monkeypatch):
     assert path_utils.server_settings_from_env() == {"LEMONADE_PORT": "9000", "LEMONADE_HOST": ""}
 
 
+def test_no_module_but_path_utils_reads_the_environment():
+    """`os.environ.get`/`os.getenv`/`os.environ[...]`/`in os.environ` only in path_utils (passing a
+    copy of the environment to a child is fine). server_manager's DISPLAY check is another change's."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent / "lemonade"
+    reading = re.compile(r"os\.getenv|os\.environ\.get|os\.environ\[|in os\.environ")
+    offenders = [f"{p.relative_to(root)}:{n}" for p in root.rglob("*.py")
+                 if p.name != "path_utils.py" and p.name != "server_manager.py"
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if reading.search(line)]
+    assert offenders == []
+
+
 def test_builtin_registry_is_upstreams():
     from lemonade.model_manager import registry
 
