@@ -184,6 +184,18 @@ def test_no_module_but_path_utils_reads_the_environment():
     assert offenders == []
 
 
+def test_no_module_imports_urllib3():
+    """urllib3 is not a declared dependency (only requests is): its exceptions are caught where the raw
+    stream is read (utils/download.py), its Retry replaced by http_client's own adapter."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent / "lemonade"
+    importing = re.compile(r"^\s*(import urllib3|from urllib3)")
+    offenders = [f"{p.relative_to(root)}:{n}" for p in root.rglob("*.py")
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if importing.match(line)]
+    assert offenders == []
+
+
 def test_builtin_registry_is_upstreams():
     from lemonade.model_manager import registry
 
