@@ -196,6 +196,52 @@ def test_no_module_imports_urllib3():
     assert offenders == []
 
 
+# -- the one atomic file writer --------------------------------------------------------------------
+
+@pytest.mark.parametrize("data, mode, expected_mode", [
+    ("text é\n", None, 0o640), (b"\x00bytes", None, 0o640), ("secret", 0o600, 0o600), (b"", 0o644, 0o644),
+])
+def test_write_atomic_writes_the_data_with_the_mode(tmp_path, data, mode, expected_mode):
+    from lemonade.utils.json_utils import write_atomic
+
+    target = tmp_path / "sub" / "dir" / "file"  # parents are made
+    old = os.umask(0o027)
+    try:
+        write_atomic(target, data, mode)
+    finally:
+        os.umask(old)
+    assert target.read_bytes() == (data.encode() if isinstance(data, str) else data)
+    assert os.stat(target).st_mode & 0o777 == expected_mode
+    assert os.listdir(target.parent) == ["file"]
+
+
+def test_write_atomic_failure_leaves_the_old_file_and_no_temp(tmp_path):
+    from lemonade.utils.json_utils import write_atomic
+
+    (tmp_path / "taken").mkdir()  # replacing a directory with a file fails at the rename
+    with pytest.raises(OSError):
+        write_atomic(tmp_path / "taken", "x")
+    assert sorted(os.listdir(tmp_path)) == ["taken"]
+    write_atomic(tmp_path / "f", "old")
+    with pytest.raises(TypeError):
+        write_atomic(tmp_path / "f", 42)  # type: ignore[arg-type]
+    assert (tmp_path / "f").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["f", "taken"]
+
+
+def test_concurrent_atomic_writers_never_share_a_temp_file(tmp_path):
+    import threading
+    from lemonade.utils.json_utils import write_atomic
+
+    target = tmp_path / "ref"
+    payloads = [(b"%02d" % i) * 50_000 for i in range(8)]
+    threads = [threading.Thread(target=lambda p=p: [write_atomic(target, p) for _ in range(20)]) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert target.read_bytes() in payloads and os.listdir(tmp_path) == ["ref"]
+
+
 def test_builtin_registry_is_upstreams():
     from lemonade.model_manager import registry
 

@@ -113,14 +113,12 @@ def read_ref(repo: RepoDir, revision: str) -> str | None:
 
 
 def write_ref(repo: RepoDir, revision: str, commit: str) -> None:
-    """Point `refs/<revision>` at `commit`: temp file + os.replace, no newline, skipped if unchanged."""
+    """Point `refs/<revision>` at `commit` (atomically, no newline); skipped if unchanged."""
     if revision == commit or read_ref(repo, revision) == commit:
         return
-    path = repo.ref(revision)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(commit)
-    os.replace(tmp, path)
+    from lemonade.utils.json_utils import write_atomic  # (local: this change keeps to this body)
+
+    write_atomic(repo.ref(revision), commit)
 
 
 def ensure_cache_dirs(repo: RepoDir, commit: str) -> None:
@@ -189,11 +187,10 @@ def write_tree(repo: RepoDir, commit: str, files: dict[str, dict]) -> None:
     path = repo.tree(commit)
     if path.exists():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+    from lemonade.utils.json_utils import write_atomic  # (local: this change keeps to this body)
+
     data = {"format_version": TREE_FORMAT_VERSION, "files": {k: files[k] for k in sorted(files)}}
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1))
 
 
 def delete_repo_cache(repo_id: str) -> Path:
