@@ -11,12 +11,12 @@ psutil are imported by the command that needs them, never by `--help` or `--vers
 """
 from __future__ import annotations
 
-import os
 import re
 import sys
 
 from lemonade import __version__
 from lemonade.backends import LLAMACPP_BACKENDS
+from lemonade.utils import path_utils
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 DEFAULT_PORT = 8000
@@ -26,15 +26,12 @@ COMMANDS = ("serve", "list", "pull", "delete", "run", "status", "stop")
 # Ours (`lemonade` only; `lemonade-server` keeps C++ GA's command set): HEAD's multi-model commands.
 OUR_COMMANDS = ("load", "unload", "pin", "unpin")
 
-# `lemonade-server` settings read from the environment before argv (tray_app.cpp L511-516, cli.md §4).
-ENV_PORT = "LEMONADE_PORT"
-ENV_HOST = "LEMONADE_HOST"
-ENV_CTX_SIZE = "LEMONADE_CTX_SIZE"
-ENV_LLAMACPP = "LEMONADE_LLAMACPP"
-ENV_LLAMACPP_ARGS = "LEMONADE_LLAMACPP_ARGS"
-ENV_LOG_LEVEL = "LEMONADE_LOG_LEVEL"
-ENV_MAX_LOADED_MODELS = "LEMONADE_MAX_LOADED_MODELS"  # HEAD's `max_loaded_models` (ours as an env var)
-ENV_IDLE_TIMEOUT = "LEMONADE_IDLE_TIMEOUT"  # ours
+# `lemonade-server` settings read from the environment before argv (tray_app.cpp L511-516, cli.md §4):
+# the names and the reading belong to path_utils; the parsing is here.
+ENV_PORT, ENV_HOST, ENV_CTX_SIZE = path_utils.ENV_PORT, path_utils.ENV_HOST, path_utils.ENV_CTX_SIZE
+ENV_LLAMACPP, ENV_LLAMACPP_ARGS = path_utils.ENV_LLAMACPP, path_utils.ENV_LLAMACPP_ARGS
+ENV_LOG_LEVEL = path_utils.ENV_LOG_LEVEL
+ENV_MAX_LOADED_MODELS, ENV_IDLE_TIMEOUT = path_utils.ENV_MAX_LOADED_MODELS, path_utils.ENV_IDLE_TIMEOUT
 
 
 
@@ -234,18 +231,19 @@ def stoi(text: str) -> int | None:
 
 def _env_defaults(config: ServerConfig) -> None:
     """Environment first, flags later override (L192-194). A bad integer is ignored (L497-508)."""
+    env = path_utils.server_settings_from_env()
     for name, attr in ((ENV_PORT, "port"), (ENV_CTX_SIZE, "ctx_size")):
-        if name in os.environ:
-            value = stoi(os.environ[name])
+        if name in env:
+            value = stoi(env[name])
             if value is not None:
                 setattr(config, attr, value)
     for name, attr in ((ENV_HOST, "host"), (ENV_LOG_LEVEL, "log_level"), (ENV_LLAMACPP, "llamacpp"),
                        (ENV_LLAMACPP_ARGS, "llamacpp_args")):
-        if name in os.environ:
-            setattr(config, attr, os.environ[name])
+        if name in env:
+            setattr(config, attr, env[name])
     for name, attr in ((ENV_MAX_LOADED_MODELS, "max_loaded_models"), (ENV_IDLE_TIMEOUT, "idle_timeout")):
-        if name in os.environ:
-            _set_limit(config, attr, os.environ[name], f"${name}")
+        if name in env:
+            _set_limit(config, attr, env[name], f"${name}")
 
 
 def _set_limit(config: ServerConfig, attr: str, text: str, source: str) -> None:

@@ -19,6 +19,7 @@ from typing import NamedTuple
 from pathlib import Path
 
 from lemonade.utils import path_utils
+from lemonade.utils.json_utils import write_atomic
 
 ROUTER = "Router"
 SERVER = "Server"
@@ -105,10 +106,7 @@ def pid_file_path() -> Path:
 def write_pid_file(port: int, host: str) -> None:
     """Write `<pid>\\n<port>\\n<host>\\n` for this process: temp file + rename, so a reader never sees
     half a file."""
-    path = pid_file_path()
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{os.getpid()}\n{port}\n{host}\n")
-    os.replace(tmp, path)
+    write_atomic(pid_file_path(), f"{os.getpid()}\n{port}\n{host}\n")
 
 
 def remove_pid_file_if_ours() -> None:

@@ -29,9 +29,6 @@ logger = logging.getLogger(__name__)
 
 CACHE_VERSION = "0.1.0"  # hard-coded upstream and never bumped (spec §6)
 CACHE_FILE_NAME = "hardware_info.json"
-# Env vars read only here. path_utils owns env names in general; these two are read by no one else.
-ENV_CI_MODE = "LEMONADE_CI_MODE"  # any value, even empty, disables the cache (spec §6)
-ENV_SKIP_PROCESSOR_CHECK = "RYZENAI_SKIP_PROCESSOR_CHECK"
 PROBE_TIMEOUT_S = 5.0  # one detection command; a hung driver tool must not hang /system-info
 SUMMARY_KEYS = ("OS Version", "Processor", "Physical Memory", "devices")
 # Lower-cased name fragments that make an AMD GPU "discrete" (spec §3.2).
@@ -270,7 +267,7 @@ def _macos_devices() -> dict[str, Any]:
 def vulkan_present() -> bool:
     """A Vulkan loader is installed (system-info.md §5): the library files, else `vulkaninfo`."""
     if sys.platform == "win32":
-        root = os.environ.get("SystemRoot", r"C:\Windows")
+        root = path_utils.windows_system_root()
         return any(Path(root, d, "vulkan-1.dll").exists() for d in ("System32", "SysWOW64"))
     if any(Path(lib).exists() for lib in VULKAN_LIBS):
         return True
@@ -306,7 +303,7 @@ def _cache_path() -> Path:
 
 
 def _load_cached_hardware() -> dict[str, Any] | None:
-    if ENV_CI_MODE in os.environ:
+    if path_utils.ci_mode():
         return None
     try:
         data = read_json(_cache_path())
@@ -332,7 +329,7 @@ def _hardware() -> dict[str, Any]:
     if cached is not None:
         logger.info("[Server] Using cached hardware info from: %s", path)
         return cached
-    if ENV_CI_MODE in os.environ:  # C++ would still write a file it then never reads; we skip it
+    if path_utils.ci_mode():  # C++ would still write a file it then never reads; we skip it
         return get_device_dict()
     logger.info("[Server] Detecting hardware (will cache to: %s)", path)
     devices = get_device_dict()
@@ -383,7 +380,7 @@ def get_system_info(verbose: bool = False, engines: EnginesOf = _no_engines) -> 
 
 def npu_available() -> bool:
     """Spec §7: the env override, else the cached/detected `npu.available` (always False on Linux)."""
-    if os.environ.get(ENV_SKIP_PROCESSOR_CHECK) in {"1", "true", "yes"}:  # exact, as C++ compares
+    if path_utils.skip_processor_check():  # 1/ON/YES/TRUE in any case (C++: exactly 1, true, yes)
         return True
     if _os_family() != "Windows":
         return False  # Linux/macOS NPU is a fixed stub; skip detection on every registry lookup

@@ -521,7 +521,7 @@ def hub():
 @pytest.fixture
 def hf_env(hub, tmp_path, monkeypatch):
     """Point lemonade (and `endpoint=`-aware huggingface_hub calls) at `hub`; returns the cache dir."""
-    from lemonade.model_manager import hf_download
+    from lemonade.utils import download
 
     cache = tmp_path / "hub"
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "LEMONADE_OFFLINE",
@@ -532,6 +532,6 @@ def hf_env(hub, tmp_path, monkeypatch):
             monkeypatch.setenv(name, value)
     monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", TEST_TIMEOUT)
     monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", TEST_TIMEOUT)
-    monkeypatch.setattr(hf_download, "BACKOFF", FAST_BACKOFF)
+    monkeypatch.setattr(download, "BACKOFF", FAST_BACKOFF)
     yield cache
     shutil.rmtree(cache, ignore_errors=True)  # pytest keeps old tmp dirs; don't keep 250 MB blobs in them

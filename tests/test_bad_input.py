@@ -323,6 +323,25 @@ def test_header_blocks_at_the_limits_are_read(server):
     assert response.status == 400 and json.loads(response.body) == {"error": "Conflicting Content-Length headers"}
 
 
+CHUNKED_LOAD = b"POST /api/v1/load HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+LOAD_BODY = b'{"model_name": ""}'  # a valid body that /load refuses with a message of its own
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"12;ext=\"v\"\r\n" + LOAD_BODY + b"\r\n0\r\nX-Trailer: 1\r\n\r\n", "'model_name' is required"),
+    (b"+12\r\n" + LOAD_BODY + b"\r\n0\r\n\r\n", "Malformed chunked request body: malformed chunk-size line"),
+    (b"0x12\r\n" + LOAD_BODY + b"\r\n0\r\n\r\n", "Malformed chunked request body: malformed chunk-size line"),
+    (b"12\r\n" + LOAD_BODY + b"0\r\n\r\n", "Malformed chunked request body: no CRLF after a chunk's data"),
+    (b"12\r\n" + LOAD_BODY + b"\r\n0\r\nbad trailer\r\n\r\n", "Malformed chunked request body: bad trailer"),
+])
+def test_chunked_request_bodies_follow_rfc_9112(server, body, message):
+    response = raw_request(server.port, CHUNKED_LOAD + body, "POST")
+    assert response.status == 400
+    assert json.loads(response.body)["error"].startswith(message)
+    if message != "'model_name' is required":
+        assert response.getheader("Connection") == "close"
+
+
 def test_real_chat_after_the_storm(server):
     reply = requests.post(server.api + "/chat/completions", timeout=300,
                           json={"model": DEFAULT_MODEL, "messages": HELLO, "max_tokens": 8})

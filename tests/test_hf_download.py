@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+import stat
 import threading
 from pathlib import Path
 
@@ -154,16 +156,66 @@ def test_token_goes_to_the_hub_but_never_to_the_cdn(hub, hf_env, monkeypatch):
     assert all(r.status in (200, 206) for r in cdn_requests)
 
 
-@pytest.mark.parametrize("flag", ["HF_HUB_OFFLINE", "LEMONADE_OFFLINE"])
-def test_offline_sends_no_request(hub, hf_env, monkeypatch, flag):
+def test_every_request_carries_our_user_agent(hub, hf_env):
     hub.add_repo(REPO, FILES)
-    monkeypatch.setenv(flag, "1")
+    download_checkpoint(f"{REPO}:Q4_0", GGUF)
+    agents = {r.header("User-Agent") for r in hub.log}
+    assert agents == {hf_download.USER_AGENT} and agents != {None}
+    assert hf_download.USER_AGENT.startswith("lemonade/")
+
+
+def test_blob_mode_follows_the_umask_and_the_umask_is_never_touched(hub, hf_env, monkeypatch):
+    """The blob gets 0o666 & ~umask from open() itself; the download never calls os.umask, which is
+    process-wide: a flip to 0 and back races every other thread creating a file meanwhile."""
+    hub.add_repo(REPO, FILES)
+    old = os.umask(0o027)
+    calls: list[tuple] = []
+    real_umask = os.umask
+
+    def spy(*args):
+        calls.append(args)
+        return real_umask(*args)
+
+    try:
+        monkeypatch.setattr(os, "umask", spy)
+        worker = threading.Thread(target=download_checkpoint, args=(f"{REPO}:Q4_0", GGUF))
+        worker.start()
+        worker.join(30)
+        monkeypatch.setattr(os, "umask", real_umask)
+    finally:
+        real_umask(old)
+    assert calls == []
+    blobs = sorted((repo_dir(hf_env) / "blobs").iterdir())
+    assert len(blobs) == 3
+    for blob in blobs:
+        assert stat.S_IMODE(blob.stat().st_mode) == 0o640, blob.name
+
+
+def test_a_disk_that_fills_while_writing_is_a_clear_error_and_nothing_counts(hub, hf_env):
+    """/dev/full answers every write with ENOSPC, as a full disk does."""
+    repo = hub.add_repo(REPO, FILES)
+    etag = repo.files["tiny-Q4_0.gguf"].etag
+    blobs = repo_dir(hf_env) / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / f"{etag}.incomplete").symlink_to("/dev/full")
+    with pytest.raises(DownloadError, match=r"Not enough disk space to download tiny-Q4_0.gguf: need 3.0 MB") as e:
+        download_checkpoint(f"{REPO}:Q4_0", GGUF)
+    assert e.value.details["path"] == str(blobs / f"{etag}.incomplete")
+    assert e.value.details["bytes_needed"] == len(Q4) and e.value.details["bytes_free"] > 0
+    assert not (blobs / etag).exists() and not is_checkpoint_downloaded(f"{REPO}:Q4_0", GGUF)
+
+
+@pytest.mark.parametrize("flag, value", [("HF_HUB_OFFLINE", "1"), ("LEMONADE_OFFLINE", "1"),
+                                         ("LEMONADE_OFFLINE", "true"), ("LEMONADE_OFFLINE", "YES")])
+def test_offline_sends_no_request(hub, hf_env, monkeypatch, flag, value):
+    hub.add_repo(REPO, FILES)
+    monkeypatch.setenv(flag, value)
     with pytest.raises(DownloadError, match="Offline mode"):
         download_checkpoint(f"{REPO}:Q4_0", GGUF)
     assert hub.log == []
     monkeypatch.delenv(flag)
     snap = download_checkpoint(f"{REPO}:Q4_0", GGUF)
-    monkeypatch.setenv(flag, "1")
+    monkeypatch.setenv(flag, value)
     hub.clear_log()
     assert download_checkpoint(f"{REPO}:Q4_0", GGUF) == snap
     assert hub.log == []
@@ -252,11 +304,13 @@ def test_concurrent_pulls_share_one_download(hub, hf_env):
 
 def test_not_enough_disk_space_is_a_clear_error(hub, hf_env, monkeypatch):
     hub.add_repo(REPO, FILES)
-    real = hf_download.shutil.disk_usage
-    monkeypatch.setattr(hf_download.shutil, "disk_usage",
-                        lambda p: real(p)._replace(free=1_000_000))
-    with pytest.raises(DownloadError, match=r"Not enough disk space to download tiny-Q4_0.gguf: need 3.0 MB"):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1_000_000))
+    size = len(FILES["tiny-Q4_0.gguf"])
+    with pytest.raises(DownloadError, match=r"Not enough disk space to download tiny-Q4_0.gguf: need 3.0 MB "
+                                            rf"\({size} bytes\), 1.0 MB \(1000000 bytes\) free for .*\.incomplete") as e:
         download_checkpoint(f"{REPO}:Q4_0", GGUF)
+    assert e.value.details["path"].startswith(str(repo_dir(hf_env) / "blobs"))
     assert hub.requests(server="cdn") == []
 
 

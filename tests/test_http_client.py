@@ -7,6 +7,7 @@ so connection reuse is observed, not assumed.
 """
 from __future__ import annotations
 
+import io
 import json
 import queue
 import socket
@@ -267,3 +268,103 @@ def test_a_content_length_stream_is_relayed_as_read(peer):
     p = peer(script)
     got = read_stream_reporting_each_chunk(p.url, received)
     assert b"".join(got) == body and got[0] == first
+
+
+# -- the one chunked decoder (RFC 9112 §7.1), shared with httpd's request bodies ----------------------
+
+def decode_chunked(raw: bytes) -> list[bytes]:
+    rfile = io.BufferedReader(io.BytesIO(raw))
+    chunks = []
+    while chunk := http_client.read_chunk(rfile):
+        chunks.append(chunk)
+    assert rfile.read() == b"", "the decoder read past the end of the chunked body"
+    return chunks
+
+
+@pytest.mark.parametrize("raw, chunks", [
+    (b"5\r\nhello\r\n0\r\n\r\n", [b"hello"]),
+    (b"5\r\nhello\r\n1\r\n!\r\n0\r\n\r\n", [b"hello", b"!"]),
+    (b"A\r\n0123456789\r\n0\r\n\r\n", [b"0123456789"]),
+    (b"a\r\n0123456789\r\n000\r\n\r\n", [b"0123456789"]),
+    (b"0005\r\nhello\r\n0\r\n\r\n", [b"hello"]),
+    (b"5;name\r\nhello\r\n0;last\r\n\r\n", [b"hello"]),
+    (b"5 ; a=b ;c = \"q \\\" x\"\r\nhello\r\n0\r\n\r\n", [b"hello"]),
+    (b"5\r\nhello\r\n0\r\nX-Trailer: 1\r\nY: two\r\n\r\n", [b"hello"]),
+    (b"5\r\nhe\r\no\r\n0\r\n\r\n", [b"he\r\no"]),  # CRLF inside the data is data
+    (b"0\r\n\r\n", []),
+])
+def test_chunked_decoder_reads_valid_bodies(raw, chunks):
+    assert decode_chunked(raw) == chunks
+
+
+@pytest.mark.parametrize("raw, cut", [
+    (b"+5\r\nhello\r\n0\r\n\r\n", False),     # a sign
+    (b"-5\r\nhello\r\n0\r\n\r\n", False),
+    (b"0x5\r\nhello\r\n0\r\n\r\n", False),    # a prefix
+    (b" 5\r\nhello\r\n0\r\n\r\n", False),     # blanks around or inside the size
+    (b"5 \r\nhello\r\n0\r\n\r\n", False),
+    (b"5 5\r\nhello\r\n0\r\n\r\n", False),
+    (b"zz\r\n", False),
+    (b"\r\n", False),                        # no size at all
+    (b"5\nhello\r\n0\r\n\r\n", False),        # a bare LF after the size
+    (b"5;\r\nhello\r\n0\r\n\r\n", False),     # an extension without a name
+    (b"5;a=\"open\r\nhello\r\n0\r\n\r\n", False),
+    (b"5;a b\r\nhello\r\n0\r\n\r\n", False),
+    (b"5\r\nhelloX0\r\n\r\n", False),          # no CRLF after the data
+    (b"5\r\nhello\n0\r\n\r\n", False),
+    (b"1" * 17 + b"\r\n", False),               # more than 64 bits
+    (b"5\r\nhello\r\n0\r\nno colon\r\n\r\n", False),
+    (b"5\r\nhello\r\n0\r\n" + b"X: y\r\n" * 101 + b"\r\n", False),  # trailers are bounded
+    (b"", True),
+    (b"5\r\nhel", True),
+    (b"5\r\nhello", True),
+    (b"5\r\nhello\r", True),
+    (b"5\r\nhello\r\n", True),
+    (b"5\r\nhello\r\n0\r\n", True),
+    (b"5\r\nhello\r\n0\r\nX: y\r\n", True),
+])
+def test_chunked_decoder_refuses_broken_framing(raw, cut):
+    with pytest.raises(http_client.ChunkError) as e:
+        decode_chunked(raw)
+    assert e.value.cut is cut
+
+
+def test_chunk_extensions_and_trailers_from_a_backend_are_read(peer):
+    def script(conn, req, n):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"7;x=1\r\n{\"a\":1}\r\n0\r\nX-Checksum: abc\r\n\r\n")
+
+    p = peer(script)
+    assert http_client.post_json(p.url, b"{}").body == {"a": 1}
+    assert http_client.post_json(p.url, b"{}").body == {"a": 1}
+    assert p.connections == 1  # the trailers were consumed: the connection was clean for reuse
+
+
+# -- the requests session (probes, downloads) ---------------------------------------------------------
+
+def test_session_retries_once_on_a_kept_connection_closed_without_an_answer(peer):
+    """The second request goes out on the kept connection; the peer reads it and closes without a
+    word (llama-server's keep-alive race). It is sent again on a fresh connection."""
+    def script(conn, req, n):
+        if n == 2:
+            return False
+        conn.sendall(answer(b'{"n":%d}' % n))
+
+    p = peer(script)
+    assert http_client.get_json(p.url).body == {"n": 1}
+    assert http_client.get_json(p.url).body == {"n": 3}
+    assert p.connections == 2 and len(p.requests) == 3
+
+
+def test_session_never_retries_a_read_timeout(peer):
+    p = peer(lambda conn, req, n: None)  # reads and never answers
+    with pytest.raises(http_client.BackendTimeout):
+        http_client.get_json(p.url, timeout=0.3)
+    assert len(p.requests) == 1
+
+
+def test_session_retries_a_connection_that_closes_at_most_once(peer):
+    p = peer(lambda conn, req, n: False)
+    with pytest.raises(NetworkError):
+        http_client.get_json(p.url)
+    assert len(p.requests) == 2

@@ -22,7 +22,7 @@ import pytest
 
 from lemonade.backends import llamacpp_install as inst
 from lemonade.error_types import InstallationError
-from lemonade.utils import path_utils
+from lemonade.utils import download, path_utils
 
 VERSION = "b6510"
 ASSET = f"llama-{VERSION}-bin-ubuntu-vulkan-x64.zip"
@@ -81,12 +81,20 @@ def release_members(lib: bytes, exe: bytes = STUB_EXE) -> list[tuple[zipfile.Zip
 # ---------------------------------------------------------------- loopback GitHub ---------------------
 
 class FakeGitHub:
-    """Routes are path -> (status, body[, declared length]). Release paths redirect to /cdn/…"""
+    """Routes are path -> (status, body[, declared length]). Release paths redirect to /cdn/…
+
+    Faults for the CDN GETs, each used up by one request: `fail` answers a status instead, `cuts`
+    sends the body only up to an absolute offset, then closes. `ranges=True` answers `Range: bytes=N-`
+    with a 206 (GitHub's CDN does); by default a Range is ignored (a 200 with the whole body)."""
 
     def __init__(self):
         self.routes: dict[str, tuple] = {}
         self.requests: list[str] = []
-        self._lock = threading.Lock()  # guards requests
+        self.range_headers: list[str | None] = []  # of each CDN GET
+        self.ranges = False
+        self.fail: list[int] = []
+        self.cuts: list[int] = []
+        self._lock = threading.Lock()  # guards requests, range_headers, fail, cuts
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -99,15 +107,29 @@ class FakeGitHub:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+                with outer._lock:
+                    outer.range_headers.append(self.headers.get("Range"))
+                    fail = outer.fail.pop(0) if outer.fail else None
+                    cut = outer.cuts.pop(0) if outer.cuts else None
                 route = outer.routes.get(self.path.removeprefix("/cdn"))
                 if route is None:
                     route = (404, b"Not Found")
+                if fail is not None:
+                    route = (fail, b"try again")
                 status, body, *declared = route
+                start, extra = 0, {}
+                asked = self.headers.get("Range", "")
+                if outer.ranges and status == 200 and asked.startswith("bytes="):
+                    start = int(asked[6:].rstrip("-"))
+                    status, extra = 206, {"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"}
                 self.send_response(status)
                 self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(declared[0] if declared else len(body)))
+                for name, value in extra.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(declared[0] if declared else len(body) - start))
                 self.end_headers()
-                self.wfile.write(body)  # a short body with a larger declared length is a cut transfer
+                # A short body with a larger declared length is a cut transfer.
+                self.wfile.write(body[start:cut] if cut is not None else body[start:])
 
             def log_message(self, *args):
                 pass
@@ -143,6 +165,7 @@ def env(tmp_path, monkeypatch, github):
     monkeypatch.setenv(path_utils.ENV_LLAMACPP_DOWNLOAD_BASE, github.url + "/")
     for name in ("LEMONADE_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(download, "BACKOFF", (0.01, 0.02, 0.04, 0.04, 0.04))
     return {"base": base, "hub": hub, "dir": base / "llama" / "vulkan", "url": github.url + RELEASE_PATH}
 
 
@@ -317,6 +340,72 @@ def test_cut_transfer_is_a_download_error(env, github, lib_bytes):
         inst.ensure_installed("vulkan")
     assert e.value.message == f"Failed to download llama-server from: {env['url']}"
     assert leftovers(env) == []
+
+
+def cdn_path() -> str:
+    return "/cdn" + RELEASE_PATH
+
+
+def test_a_cut_download_resumes_where_it_stopped(env, github, lib_bytes):
+    body = build_zip(release_members(lib_bytes))
+    github.routes[RELEASE_PATH] = (200, body)
+    github.ranges = True
+    github.cuts = [len(body) // 4, len(body) // 2]
+    events = []
+    exe = inst.ensure_installed("vulkan", progress=events.append)
+    assert exe.read_bytes() == STUB_EXE and (env["dir"] / "build/bin/libggml-base.so").read_bytes() == lib_bytes
+    starts = github.range_headers
+    assert starts[0] is None and len(starts) == 3
+    # Each resume starts at what reached the disk: at most the cut, and past the previous start.
+    first, second = (int(r[len("bytes="):-1]) for r in starts[1:])
+    assert 0 < first <= len(body) // 4 < second <= len(body) // 2
+    assert events[-1].bytes_done == events[-1].bytes_total == len(body)
+    assert all(b.bytes_done >= a.bytes_done for a, b in zip(events, events[1:]))  # never went back to 0
+    assert not list(env["hub"].iterdir()), "no zip and no .incomplete left"
+
+
+def test_a_server_that_ignores_range_restarts_from_zero(env, github, lib_bytes):
+    body = build_zip(release_members(lib_bytes))
+    github.routes[RELEASE_PATH] = (200, body)
+    github.cuts = [len(body) // 3]  # ranges off: the resume gets a 200 with the whole file
+    inst.ensure_installed("vulkan")
+    assert github.range_headers[0] is None and github.range_headers[1].startswith("bytes=")
+    assert len(github.range_headers) == 2
+    assert (env["dir"] / "build/bin/libggml-base.so").read_bytes() == lib_bytes
+
+
+def test_server_errors_are_retried(env, github, lib_bytes):
+    github.routes[RELEASE_PATH] = (200, build_zip(release_members(lib_bytes)))
+    github.fail = [503, 500]
+    inst.ensure_installed("vulkan")
+    assert github.release_requests() == [RELEASE_PATH] * 3
+
+
+def test_not_enough_disk_space_is_said_before_writing(env, github, lib_bytes, monkeypatch):
+    body = build_zip(release_members(lib_bytes))
+    github.routes[RELEASE_PATH] = (200, body)
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(InstallationError) as e:
+        inst.ensure_installed("vulkan")
+    assert e.value.message.startswith(f"Not enough disk space to download {ASSET}: need ")
+    assert f"({len(body)} bytes), 0.0 MB (1000 bytes) free for {env['hub'] / ASSET}.incomplete" in e.value.message
+    assert e.value.details == {"path": f"{env['hub'] / ASSET}.incomplete", "bytes_needed": len(body),
+                               "bytes_free": 1000}
+    assert leftovers(env) == []
+
+
+def test_a_disk_that_fills_while_writing_is_the_same_clear_error(env, github, lib_bytes):
+    """/dev/full answers every write with ENOSPC, as a full disk does."""
+    body = build_zip(release_members(lib_bytes))
+    github.routes[RELEASE_PATH] = (200, body)
+    env["hub"].mkdir(parents=True)
+    (env["hub"] / f"{ASSET}.incomplete").symlink_to("/dev/full")
+    with pytest.raises(InstallationError) as e:
+        inst.ensure_installed("vulkan")
+    assert e.value.message.startswith(f"Not enough disk space to download {ASSET}: need ")
+    assert e.value.details["bytes_needed"] == len(body) and e.value.details["path"].endswith(".incomplete")
+    assert leftovers(env) == [] and not inst.find_executable(env["dir"])
 
 
 def test_tiny_file_is_rejected(env, github):

@@ -223,15 +223,24 @@ def test_cache_written_stripped_then_reused(isolated_env, llama_server):
     assert "inference_engines" not in second["devices"]["amd_dgpu"][0]  # cached placeholder quirk
 
 
-@pytest.mark.parametrize("value", ["1", "", "false"])
+@pytest.mark.parametrize("value", ["1", "true", "ON", "Yes"])
 def test_ci_mode_ignores_and_skips_cache(isolated_env, monkeypatch, llama_server, value):
     isolated_env.parent.mkdir(parents=True)
     isolated_env.write_text(json.dumps({"version": "0.1.0", "hardware": {"cpu": {"name": "Cached CPU"}}}))
-    monkeypatch.setenv("LEMONADE_CI_MODE", value)  # any value, even empty, disables the cache
+    monkeypatch.setenv("LEMONADE_CI_MODE", value)  # a truthy value disables the cache
     assert system_info_with_engines()["devices"]["cpu"]["name"] != "Cached CPU"
     isolated_env.unlink()
     system_info_with_engines()
     assert not isolated_env.exists()
+
+
+@pytest.mark.parametrize("value", ["", "0", "false", "no"])
+def test_ci_mode_off_values_keep_the_cache(isolated_env, monkeypatch, llama_server, value):
+    """path_utils.is_true for every flag: unlike C++ (any value, even empty), these mean off."""
+    isolated_env.parent.mkdir(parents=True)
+    isolated_env.write_text(json.dumps({"version": "0.1.0", "hardware": {"cpu": {"name": "Cached CPU"}}}))
+    monkeypatch.setenv("LEMONADE_CI_MODE", value)
+    assert system_info.get_system_info()["devices"]["cpu"]["name"] == "Cached CPU"
 
 
 @pytest.mark.parametrize("content", [
@@ -306,10 +315,11 @@ def test_macos_summary_shape(monkeypatch, llama_server):
 
 # ------------------------------------------------------------------ recipe filter and ROCm tables -
 
-@pytest.mark.parametrize("skip, npu", [(None, False), ("1", True), ("true", True), ("YES", False),
-                                       ("yes", True), ("0", False), ("no", False), ("", False)])
+@pytest.mark.parametrize("skip, npu", [(None, False), ("1", True), ("true", True), ("YES", True), ("On", True),
+                                       ("yes", True), ("0", False), ("no", False), ("", False), ("y", False)])
 def test_recipe_filter_table(monkeypatch, skip, npu):
-    """Exact values only, as C++ (`YES` is not `yes`); Linux has no NPU without the override."""
+    """path_utils.is_true, the one flag rule (C++ took exactly 1/true/yes, so `YES` was off there);
+    Linux has no NPU without the override."""
     if skip is not None:
         monkeypatch.setenv("RYZENAI_SKIP_PROCESSOR_CHECK", skip)
     assert system_info.npu_available() is npu

@@ -177,6 +177,123 @@ def test_path_lookup(monkeypatch, tmp_path):
     assert llamacpp_server.find_llama_server() == fake
 
 
+# -- environment: one reader (path_utils), one flag rule (huggingface_hub's) -----------------------
+
+@pytest.mark.parametrize("value, expected", [
+    ("1", True), ("true", True), ("TRUE", True), ("yes", True), ("On", True), (" 1 ", True),
+    ("0", False), ("", False), ("false", False), ("no", False), ("off", False), ("2", False), ("y", False),
+    (None, False),
+])
+def test_one_flag_rule_for_every_flag(monkeypatch, value, expected):
+    from lemonade.utils import path_utils
+
+    assert path_utils.is_true(value) is expected
+    for name, reader in ((path_utils.ENV_LEMONADE_OFFLINE, path_utils.is_offline),
+                         (path_utils.ENV_CI_MODE, path_utils.ci_mode),
+                         (path_utils.ENV_SKIP_PROCESSOR_CHECK, path_utils.skip_processor_check)):
+        for other in ("LEMONADE_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LEMONADE_CI_MODE",
+                      "RYZENAI_SKIP_PROCESSOR_CHECK"):
+            monkeypatch.delenv(other, raising=False)
+        if value is not None:
+            monkeypatch.setenv(name, value)
+        assert reader() is expected, name
+
+
+@pytest.mark.parametrize("value, seconds", [(None, 10.0), ("2", 2.0), ("0.5", 0.5), ("0", 10.0), ("-1", 10.0),
+                                            ("soon", 10.0), ("", 10.0)])
+def test_hf_timeouts(monkeypatch, value, seconds):
+    from lemonade.utils import path_utils
+
+    for name, reader in (("HF_HUB_DOWNLOAD_TIMEOUT", path_utils.hf_download_timeout),
+                         ("HF_HUB_ETAG_TIMEOUT", path_utils.hf_etag_timeout)):
+        monkeypatch.delenv(name, raising=False)
+        if value is not None:
+            monkeypatch.setenv(name, value)
+        assert reader() == seconds
+
+
+def test_server_settings_from_env(monkeypatch):
+    from lemonade.utils import path_utils
+
+    for name in path_utils.SERVER_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LEMONADE_PORT", "9000")
+    monkeypatch.setenv("LEMONADE_HOST", "")  # set but empty still counts, as with C++ getenv
+    monkeypatch.setenv("LEMONADE_UNRELATED", "x")
+    assert path_utils.server_settings_from_env() == {"LEMONADE_PORT": "9000", "LEMONADE_HOST": ""}
+
+
+def test_no_module_but_path_utils_reads_the_environment():
+    """`os.environ.get`/`os.getenv`/`os.environ[...]`/`in os.environ` only in path_utils (passing a
+    copy of the environment to a child is fine). server_manager's DISPLAY check is another change's."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent / "lemonade"
+    reading = re.compile(r"os\.getenv|os\.environ\.get|os\.environ\[|in os\.environ")
+    offenders = [f"{p.relative_to(root)}:{n}" for p in root.rglob("*.py")
+                 if p.name != "path_utils.py" and p.name != "server_manager.py"
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if reading.search(line)]
+    assert offenders == []
+
+
+def test_no_module_imports_urllib3():
+    """urllib3 is not a declared dependency (only requests is): its exceptions are caught where the raw
+    stream is read (utils/download.py), its Retry replaced by http_client's own adapter."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent / "lemonade"
+    importing = re.compile(r"^\s*(import urllib3|from urllib3)")
+    offenders = [f"{p.relative_to(root)}:{n}" for p in root.rglob("*.py")
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if importing.match(line)]
+    assert offenders == []
+
+
+# -- the one atomic file writer --------------------------------------------------------------------
+
+@pytest.mark.parametrize("data, mode, expected_mode", [
+    ("text é\n", None, 0o640), (b"\x00bytes", None, 0o640), ("secret", 0o600, 0o600), (b"", 0o644, 0o644),
+])
+def test_write_atomic_writes_the_data_with_the_mode(tmp_path, data, mode, expected_mode):
+    from lemonade.utils.json_utils import write_atomic
+
+    target = tmp_path / "sub" / "dir" / "file"  # parents are made
+    old = os.umask(0o027)
+    try:
+        write_atomic(target, data, mode)
+    finally:
+        os.umask(old)
+    assert target.read_bytes() == (data.encode() if isinstance(data, str) else data)
+    assert os.stat(target).st_mode & 0o777 == expected_mode
+    assert os.listdir(target.parent) == ["file"]
+
+
+def test_write_atomic_failure_leaves_the_old_file_and_no_temp(tmp_path):
+    from lemonade.utils.json_utils import write_atomic
+
+    (tmp_path / "taken").mkdir()  # replacing a directory with a file fails at the rename
+    with pytest.raises(OSError):
+        write_atomic(tmp_path / "taken", "x")
+    assert sorted(os.listdir(tmp_path)) == ["taken"]
+    write_atomic(tmp_path / "f", "old")
+    with pytest.raises(TypeError):
+        write_atomic(tmp_path / "f", 42)  # type: ignore[arg-type]
+    assert (tmp_path / "f").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["f", "taken"]
+
+
+def test_concurrent_atomic_writers_never_share_a_temp_file(tmp_path):
+    import threading
+    from lemonade.utils.json_utils import write_atomic
+
+    target = tmp_path / "ref"
+    payloads = [(b"%02d" % i) * 50_000 for i in range(8)]
+    threads = [threading.Thread(target=lambda p=p: [write_atomic(target, p) for _ in range(20)]) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert target.read_bytes() in payloads and os.listdir(tmp_path) == ["ref"]
+
+
 def test_builtin_registry_is_upstreams():
     from lemonade.model_manager import registry
 

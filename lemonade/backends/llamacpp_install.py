@@ -12,8 +12,10 @@ Where we differ from B, and why:
   crash mid-extraction left an executable without markers, which every later start then used as-is.
 * Members that would land outside the install dir (zip-slip, absolute names, escaping symlinks)
   fail the extraction. `unzip` only warned and skipped them.
-* The download goes to `<asset>.incomplete` and is renamed only after the size check; a failed
-  download leaves nothing behind (B left the error body under the final name).
+* The download (`utils/download.py`, shared with the HF pull) goes to `<asset>.incomplete`, resumes a
+  cut transfer with `Range` (B started over, or rather failed), retries 5xx answers with backoff, stops
+  on a stall (60 s without a byte) instead of hanging, checks free disk space first, and is renamed only
+  when whole; a failed download leaves nothing behind (B left the error body under the final name).
 * An upgrade replaces the old install dir only after the new release is extracted (B deleted it
   first), so a failed download keeps the working binary.
 * Offline mode (`path_utils.is_offline()`) never touches the network: a missing install is an error,
@@ -31,12 +33,9 @@ import threading
 import zipfile
 from pathlib import Path
 
-import requests
-import urllib3
-
-from lemonade.error_types import InstallationError
+from lemonade.error_types import DownloadError, InstallationError, NetworkError
 from lemonade.model_manager.hf_download import DownloadProgress, ProgressCallback
-from lemonade.utils import http_client, path_utils
+from lemonade.utils import download, http_client, path_utils
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +46,11 @@ VERSION_MARKER = "version.txt"
 BACKEND_MARKER = "backend.txt"
 MIN_ZIP_SIZE = 1024 * 1024  # C++ MIN_ZIP_SIZE: anything smaller is an error page or a cut transfer
 DEFAULT_ROCM_ARCH = "gfx110X"  # C++ identify_rocm_arch() fallback (system-info.md §8)
-CHUNK_SIZE = 1 << 20
+CHUNK_SIZE = 1 << 20  # zip extraction copy buffer
 CONNECT_TIMEOUT = http_client.CONNECT_TIMEOUT
-READ_TIMEOUT = 60.0  # a stall, not a total: C++ set no timeout at all for this download
+READ_TIMEOUT = download.READ_TIMEOUT  # a stall, not a total: C++ set no timeout at all for this download
 EXECUTABLE_MODE = 0o755
 WINDOWS_EXE = "llama-server.exe"
-NETWORK_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 
 RELEASE_REPOS = {"vulkan": "ggml-org/llama.cpp", "metal": "ggml-org/llama.cpp", "rocm": "lemonade-sdk/llamacpp-rocm"}
 
@@ -236,43 +234,33 @@ def _install(backend: str, version: str, install_dir: Path, progress: ProgressCa
 # ---------------------------------------------------------------- download (§8.3 step 4) ----------
 
 def _download(url: str, dest: Path, progress: ProgressCallback | None) -> None:
-    """Stream `url` to `dest.incomplete`, check the size, rename to `dest`. Follows redirects (GitHub
-    answers with a 302 to its CDN) and sends no credentials. Raises InstallationError."""
-    tmp = dest.with_name(dest.name + ".incomplete")
-    try:
-        try:
-            done = _stream_to(url, tmp, dest.name, progress)
-        except NETWORK_ERRORS as e:
-            raise InstallationError(f"Failed to download llama-server from: {url}", {"reason": str(e)}) from e
-        log.info("[LlamaCpp] Downloaded %s: %d MB", dest.name, done // (1024 * 1024))
-        if done < MIN_ZIP_SIZE:
-            raise InstallationError("Downloaded file is too small (< 1 MB), likely corrupted or incomplete",
-                                    {"bytes": done, "url": url})
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)  # gone after the rename; otherwise nothing half-written stays
-
-
-def _stream_to(url: str, tmp: Path, name: str, progress: ProgressCallback | None) -> int:
-    """Write the body of GET `url` to `tmp`; return the byte count. A non-200 answer or a body shorter
-    than its Content-Length raises InstallationError."""
+    """Download `url` to `dest` through `dest.incomplete` (`download.FileDownload`: Range resume,
+    bounded retries, stall timeout, disk-space check), then check the size. Follows redirects (GitHub
+    answers with a 302 to its CDN) and sends no credentials. Blocks; raises InstallationError (the C++
+    message; a full disk says so, with the path and the bytes needed and free). Nothing is left behind
+    on failure; a partial file from a killed earlier run is resumed."""
     failed = f"Failed to download llama-server from: {url}"
-    headers = {"Accept-Encoding": "identity"}  # byte counts must be those of the file
-    with http_client.session_for(url).get(url, headers=headers, stream=True, allow_redirects=True,
-                                          timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)) as response:
-        if response.status_code != 200:
-            raise InstallationError(failed, {"status": response.status_code})
-        total = int(response.headers.get("Content-Length") or 0)
-        done = 0
-        with open(tmp, "wb") as out:
-            for chunk in response.iter_content(CHUNK_SIZE):
-                out.write(chunk)
-                done += len(chunk)
-                if progress:
-                    progress(DownloadProgress(name, 1, 1, done, total, done, total))
-    if total and done != total:
-        raise InstallationError(failed, {"reason": f"connection closed after {done} of {total} bytes"})
-    return done
+
+    def report(done: int, total: int | None) -> None:
+        if progress:
+            progress(DownloadProgress(dest.name, 1, 1, done, total or 0, done, total or 0))
+
+    job = download.FileDownload(url, dest, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), progress=report)
+    try:
+        done = job.run()
+    except download.NoSpaceError as e:
+        raise InstallationError(e.message, e.details) from e
+    except DownloadError as e:  # an HTTP error status
+        raise InstallationError(failed, {**e.details, "reason": e.message}) from e
+    except (NetworkError, OSError) as e:  # no progress after the retries; an unwritable cache dir
+        raise InstallationError(failed, {"reason": str(e)}) from e
+    finally:
+        job.part.unlink(missing_ok=True)  # gone after the rename; otherwise nothing half-written stays
+    log.info("[LlamaCpp] Downloaded %s: %d MB", dest.name, done // (1024 * 1024))
+    if done < MIN_ZIP_SIZE:
+        dest.unlink(missing_ok=True)
+        raise InstallationError("Downloaded file is too small (< 1 MB), likely corrupted or incomplete",
+                                {"bytes": done, "url": url})
 
 
 # ---------------------------------------------------------------- extract (§8.3 steps 5-6) --------

@@ -25,6 +25,7 @@ from typing import Iterator
 
 from lemonade.error_types import DownloadError, FileError, InvalidRequestError
 from lemonade.model_manager.hf_select import Selection, split_checkpoint
+from lemonade.utils.json_utils import write_atomic
 from lemonade.utils.path_utils import hf_cache_dir
 
 log = logging.getLogger(__name__)
@@ -113,14 +114,10 @@ def read_ref(repo: RepoDir, revision: str) -> str | None:
 
 
 def write_ref(repo: RepoDir, revision: str, commit: str) -> None:
-    """Point `refs/<revision>` at `commit`: temp file + os.replace, no newline, skipped if unchanged."""
+    """Point `refs/<revision>` at `commit` (atomically, no newline); skipped if unchanged."""
     if revision == commit or read_ref(repo, revision) == commit:
         return
-    path = repo.ref(revision)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(commit)
-    os.replace(tmp, path)
+    write_atomic(repo.ref(revision), commit)
 
 
 def ensure_cache_dirs(repo: RepoDir, commit: str) -> None:
@@ -189,11 +186,8 @@ def write_tree(repo: RepoDir, commit: str, files: dict[str, dict]) -> None:
     path = repo.tree(commit)
     if path.exists():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
     data = {"format_version": TREE_FORMAT_VERSION, "files": {k: files[k] for k in sorted(files)}}
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1))
 
 
 def delete_repo_cache(repo_id: str) -> Path:

@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import queue
 import re
-import shutil
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +19,6 @@ from typing import Callable
 from urllib.parse import quote, urljoin, urlsplit
 
 import requests
-import urllib3
-from requests.adapters import HTTPAdapter
 
 from lemonade import __version__
 from lemonade.error_types import DownloadError, NetworkError
@@ -33,28 +27,19 @@ from lemonade.model_manager.hf_cache import (
     ensure_cache_dirs, is_checkpoint_downloaded, is_complete_file, link_pointer, snapshot_dir, write_ref,
     write_tree)
 from lemonade.model_manager.hf_select import Selection, split_checkpoint
-from lemonade.utils.path_utils import hf_endpoint, hf_token, is_offline
+from lemonade.utils import download
+from lemonade.utils.http_client import session_for
+from lemonade.utils.path_utils import hf_download_timeout, hf_endpoint, hf_etag_timeout, hf_token, is_offline
 
 __all__ = ["DownloadProgress", "ProgressCallback", "download_checkpoint", "is_checkpoint_downloaded",
            "delete_repo_cache", "snapshot_dir"]
 
 log = logging.getLogger(__name__)
 
-# Timeouts (seconds) as huggingface_hub reads them (spec §2); the read timeout is the stall timeout.
-ENV_DOWNLOAD_TIMEOUT = "HF_HUB_DOWNLOAD_TIMEOUT"
-ENV_ETAG_TIMEOUT = "HF_HUB_ETAG_TIMEOUT"
-DEFAULT_TIMEOUT = 10.0
-CHUNK_SIZE = 1 << 20
-TRIES_WITHOUT_PROGRESS = 5      # resume attempts in a row that bring no byte (HF http_get: 5)
-MAX_ATTEMPTS = 100              # hard bound even when every attempt brings a few bytes
-BACKOFF = (1.0, 2.0, 4.0, 8.0, 8.0)  # sleeps between retries of one request (H:469-569); tests shrink it
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 MAX_REDIRECTS = 20
 ETAG_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}$")
 HUB_ORIGINS = ("https://huggingface.co", "https://hf.co", "https://hub-ci.huggingface.co")
-# What a dropped, refused or stalled connection raises (the urllib3 ones come from reading `raw`).
-NETWORK_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                  urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError)
+USER_AGENT = f"lemonade/{__version__}; python/{sys.version.split()[0]}"  # sent on every hub/CDN request
 
 
 @dataclass
@@ -89,30 +74,6 @@ class FileMeta:
 
 # ---------------------------------------------------------------- HTTP plumbing
 
-_session: requests.Session | None = None
-_session_lock = threading.Lock()  # guards creation of the one pooled session
-
-
-def _get_session() -> requests.Session:
-    global _session
-    with _session_lock:
-        if _session is None:
-            s = requests.Session()
-            s.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=16))
-            s.mount("https://", HTTPAdapter(pool_connections=4, pool_maxsize=16))
-            s.headers["User-Agent"] = f"lemonade/{__version__}; python/{sys.version.split()[0]}"
-            _session = s
-        return _session
-
-
-def _timeout(env: str) -> tuple[float, float]:
-    try:
-        t = float(os.environ.get(env) or DEFAULT_TIMEOUT)
-    except ValueError:
-        t = DEFAULT_TIMEOUT
-    return (t, t)
-
-
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}".lower()
@@ -123,21 +84,14 @@ def _is_hub(url: str) -> bool:
     return _origin(url) in {_origin(hf_endpoint()), *HUB_ORIGINS}
 
 
-def _headers(url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    headers = {"Accept-Encoding": "identity", **(extra or {})}
+def _headers(url: str) -> dict[str, str]:
+    """Headers of every request to `url`: our User-Agent, identity encoding (byte counts are the
+    file's), and the token when `url` is the hub."""
+    headers = {"Accept-Encoding": "identity", "User-Agent": USER_AGENT}
     token = hf_token()
     if token and _is_hub(url):
         headers["Authorization"] = f"Bearer {token}"
     return headers
-
-
-def _retry_delay(attempt: int, response: requests.Response | None) -> float:
-    """Backoff for the `attempt`-th retry; a numeric Retry-After on 429/503 wins (H:144-166)."""
-    if response is not None:
-        value = response.headers.get("Retry-After", "")
-        if value.isdigit():
-            return float(value) + 1
-    return BACKOFF[min(attempt, len(BACKOFF) - 1)]
 
 
 def _http_error(response: requests.Response, what: str) -> DownloadError:
@@ -159,21 +113,23 @@ def _http_error(response: requests.Response, what: str) -> DownloadError:
                          {"status": status, "error_code": code, "url": response.url})
 
 
-def _request(method: str, url: str, what: str, timeout_env: str, **kwargs) -> requests.Response:
+def _request(method: str, url: str, what: str, **kwargs) -> requests.Response:
     """A metadata request with bounded backoff on network errors and 408/429/5xx. Blocks."""
-    for attempt in range(len(BACKOFF) + 1):
+    backoff = download.BACKOFF
+    timeout = hf_etag_timeout()
+    for attempt in range(len(backoff) + 1):
         response = None
         try:
-            response = _get_session().request(method, url, headers=_headers(url), timeout=_timeout(timeout_env),
-                                               **kwargs)
-            if response.status_code not in RETRY_STATUSES:
+            response = session_for(url).request(method, url, headers=_headers(url), timeout=(timeout, timeout),
+                                                **kwargs)
+            if response.status_code not in download.RETRY_STATUSES:
                 return response
             error: Exception = _http_error(response, what)
-        except NETWORK_ERRORS as e:
+        except download.RETRYABLE_ERRORS as e:
             error = e
-        if attempt == len(BACKOFF):
+        if attempt == len(backoff):
             break
-        delay = _retry_delay(attempt, response)
+        delay = download.retry_delay(attempt, response)
         log.warning("%s failed (%s); retrying in %.1fs", what, error, delay)
         time.sleep(delay)
     if isinstance(error, DownloadError):
@@ -195,8 +151,7 @@ def fetch_repo_info(repo_id: str, revision: str = "main") -> RepoInfo:
     url = f"{hf_endpoint()}/api/models/{repo_id}"
     if revision != "main":  # the C++ asked the bare URL; a pinned revision needs the long form
         url += f"/revision/{quote(revision, safe='')}"
-    response = _request("GET", url, "Failed to fetch model info from Hugging Face API", ENV_ETAG_TIMEOUT,
-                        params={"blobs": "true"})
+    response = _request("GET", url, "Failed to fetch model info from Hugging Face API", params={"blobs": "true"})
     if response.status_code != 200:
         raise _http_error(response, "Failed to fetch model info from Hugging Face API")
     try:
@@ -235,7 +190,7 @@ def head_file(repo_id: str, commit: str, file: str) -> FileMeta:
     url = f"{hf_endpoint()}/{repo_id}/resolve/{commit}/{quote(file)}"
     what = f"Failed to get metadata of {file} from Hugging Face"
     for _ in range(MAX_REDIRECTS):
-        response = _request("HEAD", url, what, ENV_ETAG_TIMEOUT, allow_redirects=False)
+        response = _request("HEAD", url, what, allow_redirects=False)
         location = response.headers.get("Location")
         if not (300 <= response.status_code < 400 and location):
             break
@@ -259,187 +214,34 @@ def head_file(repo_id: str, commit: str, file: str) -> FileMeta:
 
 # ---------------------------------------------------------------- one blob
 
-class _BackgroundHash:
-    """A hashlib object fed on a helper thread, so hashing overlaps the socket reads (hashlib and
-    recv both release the GIL): verifying costs no wall time on a fast link. The bounded queue keeps
-    at most a few chunks in memory when the disk or the hash is the slower side."""
-
-    def __init__(self, hasher):
-        self._hasher = hasher
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
-        self._thread = threading.Thread(target=self._run, name="hf-hash", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            self._hasher.update(chunk)
-
-    def update(self, chunk: bytes) -> None:
-        self._queue.put(chunk)
-
-    def close(self) -> None:
-        """Stop the thread (idempotent); blocks until the queued chunks are hashed."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-
-    def hexdigest(self) -> str:
-        self.close()
-        return self._hasher.hexdigest()
-
-
-def _new_hasher(etag: str, size: int) -> _BackgroundHash | None:
-    """The hash the etag is: sha256 for LFS (64 hex), git blob sha1 for regular files (40 hex)."""
+def _hash_for(etag: str, size: int):
+    """A factory of the hash the etag is: sha256 for LFS (64 hex), git blob sha1 for regular files
+    (40 hex); None for an etag of another shape (size check only)."""
     if re.fullmatch(r"[0-9a-f]{64}", etag):
-        return _BackgroundHash(hashlib.sha256())
+        return hashlib.sha256
     if re.fullmatch(r"[0-9a-f]{40}", etag):
-        h = hashlib.sha1()
-        h.update(b"blob %d\0" % size)
-        return _BackgroundHash(h)
-    return None  # an etag of another shape: size check only
+        def git_sha1():
+            h = hashlib.sha1()
+            h.update(b"blob %d\0" % size)
+            return h
+        return git_sha1
+    return None
 
 
-def _hash_prefix(path: Path, length: int, hasher) -> None:
-    """Feed the first `length` bytes already on disk (a resumed download) to the hasher."""
-    with open(path, "rb", buffering=0) as f:
-        while length > 0:
-            block = f.read(min(CHUNK_SIZE * 8, length))
-            if not block:
-                break
-            hasher.update(block)
-            length -= len(block)
+def _fetch_blob(repo_id: str, file: str, meta: FileMeta, blob: Path, on_bytes: Callable[[int], None]) -> None:
+    """Stream one file into `<blob>.incomplete` (resumable), verify it against the etag, rename it to
+    `blob` (download.FileDownload). Blocks; the caller holds the blob lock."""
+    hasher = _hash_for(meta.etag, meta.size)
 
+    def refresh(url: str) -> str | None:
+        # A signed CDN URL that expired answers 403: ask the hub for a fresh one, once (spec §6 step 7).
+        return None if _is_hub(url) else head_file(repo_id, meta.commit, file).location
 
-def _check_disk_space(part: Path, need: int, file: str) -> None:
-    free = shutil.disk_usage(part.parent).free
-    if need > free:
-        raise DownloadError(f"Not enough disk space to download {file}: need {need / 1e6:.1f} MB, "
-                            f"{free / 1e6:.1f} MB free in {part.parent}")
-
-
-class _RetryableStatus(Exception):
-    """A 408/429/5xx answer to a GET: retried with backoff like a dropped connection."""
-
-    def __init__(self, response: requests.Response):
-        super().__init__(f"HTTP {response.status_code} from {_origin(response.url)}")
-        self.delay = _retry_delay(0, response) if response.headers.get("Retry-After") else None
-
-
-class _BlobFetch:
-    """Streams one file into `<blob>.incomplete`, resuming across retries, then verifies it.
-
-    State (offset, hasher) lives on the instance so an exception in the middle of a stream leaves
-    the count of bytes on disk right for the next Range request.
-    """
-
-    def __init__(self, repo_id: str, file: str, meta: FileMeta, on_bytes: Callable[[int], None]):
-        self.repo_id, self.file, self.meta, self.on_bytes = repo_id, file, meta, on_bytes
-        self.offset, self.hasher, self.refreshed = 0, None, False
-
-    def run(self, blob: Path) -> None:
-        """Download, verify, rename to `blob`. One full re-download if the hash is wrong. Blocks."""
-        part = blob.with_name(blob.name + ".incomplete")
-        for attempt in range(2):
-            try:
-                self._fetch(part)
-            finally:
-                if self.hasher is not None:
-                    self.hasher.close()
-            if self.hasher is None or self.hasher.hexdigest() == self.meta.etag:
-                os.chmod(part, 0o666 & ~_umask())
-                os.replace(part, blob)
-                return
-            log.warning("Checksum mismatch for %s (attempt %d); discarding %s", self.file, attempt + 1, part)
-            part.unlink()
-            self.on_bytes(-self.offset)
-        raise DownloadError(f"Downloaded {self.file} does not match its checksum {self.meta.etag}",
-                            {"file": self.file})
-
-    def _fetch(self, part: Path) -> None:
-        size = self.meta.size
-        with open(part, "ab", buffering=0) as f:
-            self.offset = f.seek(0, os.SEEK_END)
-            if self.offset > size:
-                f.truncate(0)
-                self.offset = 0
-            _check_disk_space(part, size - self.offset, self.file)
-            self.hasher = _new_hasher(self.meta.etag, size)
-            if self.offset and self.hasher is not None:
-                _hash_prefix(part, self.offset, self.hasher)
-            self.on_bytes(self.offset)
-            failures, attempts = 0, 0
-            while self.offset < size:
-                attempts += 1
-                if attempts > MAX_ATTEMPTS:
-                    raise NetworkError(f"Gave up downloading {self.file} after {MAX_ATTEMPTS} attempts")
-                before = self.offset
-                try:
-                    self._get(f)
-                    continue
-                except (*NETWORK_ERRORS, _RetryableStatus) as e:
-                    error: Exception = e
-                # Bytes arrived: the budget starts over (FD:459-486); MAX_ATTEMPTS still bounds it.
-                failures = 0 if self.offset > before else failures + 1
-                if failures >= TRIES_WITHOUT_PROGRESS:
-                    raise NetworkError(f"Download of {self.file} failed: {error}") from error
-                delay = getattr(error, "delay", None) or BACKOFF[min(failures, len(BACKOFF) - 1)]
-                log.warning("Download of %s interrupted at %d/%d bytes (%s); resuming in %.1fs", self.file,
-                            self.offset, size, error, delay)
-                time.sleep(delay)
-
-    def _restart(self, f) -> None:
-        if self.hasher is not None:
-            self.hasher.close()
-        f.truncate(0)
-        self.on_bytes(-self.offset)
-        self.offset, self.hasher = 0, _new_hasher(self.meta.etag, self.meta.size)
-
-    def _get(self, f) -> None:
-        """One GET from `self.offset`. Raises NETWORK_ERRORS or _RetryableStatus to be resumed."""
-        url, offset = self.meta.location, self.offset
-        extra = {"Range": f"bytes={offset}-"} if offset else {}
-        with _get_session().get(url, headers=_headers(url, extra), stream=True,
-                                timeout=_timeout(ENV_DOWNLOAD_TIMEOUT)) as r:
-            status = r.status_code
-            if status in RETRY_STATUSES:
-                raise _RetryableStatus(r)
-            if status == 403 and not self.refreshed and not _is_hub(url):
-                # A signed CDN URL that expired: ask the hub for a fresh one, once (spec §6 step 7).
-                self.refreshed = True
-                self.meta = head_file(self.repo_id, self.meta.commit, self.file)
-                return
-            if status not in (200, 206, 416):
-                raise _http_error(r, f"Failed to download {self.file}")
-            if offset and (status != 206 or not r.headers.get("Content-Range", "").startswith(f"bytes {offset}-")):
-                # The server ignored (200) or refused (416) our range: start over (FD:386-398). A partial
-                # that is already complete never gets here: _fetch verifies it without a request.
-                log.warning("Server answered %d to Range bytes=%d- for %s; restarting", status, offset, self.file)
-                self._restart(f)
-                if status != 200:
-                    return
-            elif status == 416:
-                raise _http_error(r, f"Failed to download {self.file}")
-            size, write, on_bytes = self.meta.size, f.write, self.on_bytes
-            update = self.hasher.update if self.hasher is not None else None
-            # read1 returns what one socket read brings (<= CHUNK_SIZE), so bytes that arrived before a
-            # cut are on disk for the next Range; iter_content/read(n) drop a partly filled chunk.
-            raw = r.raw
-            read = raw.read1 if hasattr(raw, "read1") else raw.read  # urllib3 < 2 has no read1
-            while chunk := read(CHUNK_SIZE, decode_content=True):
-                write(chunk)
-                if update is not None:
-                    update(chunk)
-                self.offset += len(chunk)
-                on_bytes(len(chunk))
-                if self.offset > size:
-                    self._restart(f)
-                    raise DownloadError(f"Server sent more than the {size} bytes of {self.file}")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    timeout = hf_download_timeout()
+    download.FileDownload(
+        meta.location, blob, name=file, size=meta.size, headers=_headers, timeout=(timeout, timeout),
+        progress=lambda done, total: on_bytes(done), hasher=hasher, digest=meta.etag if hasher else None,
+        refresh_url=refresh, http_error=lambda r: _http_error(r, f"Failed to download {file}")).run()
 
 
 # ---------------------------------------------------------------- a whole pull
@@ -455,9 +257,10 @@ class _Progress:
     def start(self, index: int) -> None:
         self.index, self.done = index, 0
 
-    def add(self, n: int) -> None:
-        self.done += n
-        self.total_done += n
+    def set(self, done: int) -> None:
+        """`done` bytes of the current file are on disk (fewer than before when a transfer restarts)."""
+        self.total_done += done - self.done
+        self.done = done
         if self.callback:
             i = self.index
             self.callback(DownloadProgress(self.files[i], i + 1, len(self.files), self.done, self.sizes[i],
@@ -508,7 +311,7 @@ def download_checkpoint(checkpoint: str, select: Selection, progress: ProgressCa
     for i, (file, meta) in enumerate(zip(files, metas)):
         bar.start(i)
         if meta is None:
-            bar.add(sizes[i])
+            bar.set(sizes[i])
             continue
         _download_file(repo, commit, file, meta, bar)
     log.info("Downloaded %s (%d files, %.1f MB) into %s", checkpoint, len(files), bar.total_bytes / 1e6,
@@ -521,7 +324,7 @@ def _download_file(repo: RepoDir, commit: str, file: str, meta: FileMeta, bar: _
     with blob_lock(repo.lock(meta.etag)):
         if not is_complete_file(blob):  # checked again under the lock: another pull may have won
             log.info("Downloading %s/%s (%.1f MB)", repo.repo_id, file, meta.size / 1e6)
-            _BlobFetch(repo.repo_id, file, meta, bar.add).run(blob)
+            _fetch_blob(repo.repo_id, file, meta, blob, bar.set)
         else:
-            bar.add(meta.size)
+            bar.set(meta.size)
         link_pointer(blob, repo.pointer(commit, file))

@@ -11,6 +11,7 @@ Two kinds of client, by cost:
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 from dataclasses import dataclass
@@ -19,8 +20,6 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import ReadTimeoutError
-from urllib3.util.retry import Retry
 
 from lemonade.error_types import NetworkError
 from lemonade.utils import path_utils
@@ -31,19 +30,22 @@ BACKEND_TIMEOUT = 300.0  # C++ total timeout for non-streaming backend calls (§
 CONNECT_TIMEOUT = 10.0
 STREAM_IDLE_TIMEOUT = 600.0  # a stream silent this long is dead; there is no total limit
 
-class _RetryOnDroppedConnection(Retry):
-    """One retry on a fresh connection when a pooled keep-alive connection turns out to be closed.
+class _RetryOnDroppedConnection(HTTPAdapter):
+    """One retry on a fresh connection when a request fails at the connection level.
 
     llama-server (cpp-httplib) closes a connection after a few requests or 5 s idle, after a stream
-    sometimes without `Connection: close`; a request sent on it at that moment fails before the server
-    has read it, so sending it again is safe (libcurl in C++ B does the same). A read timeout is never
-    retried: the backend did receive that request.
+    sometimes without `Connection: close`; a request sent on a pooled connection at that moment fails
+    before the server has read it, so sending it again is safe (libcurl in C++ B does the same).
+    `HTTPAdapter.send` returns once the answer's head is read (the body is read later, outside it), so
+    a `requests.ConnectionError` here means no answer arrived: refused, reset or closed. A read timeout
+    (`requests.ReadTimeout`, not a ConnectionError) is never retried: the backend did receive that request.
     """
 
-    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
-        if isinstance(error, ReadTimeoutError):
-            raise error
-        return super().increment(method, url, response, error, _pool, _stacktrace)
+    def send(self, request, **kwargs):
+        try:
+            return super().send(request, **kwargs)
+        except requests.ConnectionError:
+            return super().send(request, **kwargs)
 
 
 _sessions: dict[str, requests.Session] = {}
@@ -61,15 +63,15 @@ def _is_loopback(url: str) -> bool:
 
 
 def session_for(url: str) -> requests.Session:
-    """The shared session for `url`'s origin; created on first use."""
+    """The shared session for `url`'s origin, created on first use: the only `requests.Session` factory
+    (probes, the llama.cpp release download, Hugging Face). Its User-Agent is the C++ client's; a
+    caller that needs another sends it as a per-request header."""
     origin = _origin(url)
     with _sessions_lock:
         session = _sessions.get(origin)
         if session is None:
             session = requests.Session()
-            retry = _RetryOnDroppedConnection(total=1, connect=1, read=1, status=0, other=0, redirect=0,
-                                              allowed_methods=None, raise_on_status=False)
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE, max_retries=retry)
+            adapter = _RetryOnDroppedConnection(pool_connections=4, pool_maxsize=POOL_SIZE)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             session.headers["User-Agent"] = USER_AGENT
@@ -200,28 +202,89 @@ _REQUEST_HEAD = ("POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept-Encoding
 
 
 class HeaderError(Exception):
-    """A header block we refuse; `status` is what a server answers for it (431 or 400)."""
+    """A header block we refuse; `status` is what a server answers for it (431 or 400); `ended` when
+    the input stopped before the block did."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, ended: bool = False):
         super().__init__(message)
-        self.status = status
+        self.status, self.ended = status, ended
 
 
-def header_lines(rfile) -> Iterator[tuple[bytes, bytes, bytes]]:
+def header_lines(rfile, strict_end: bool = False) -> Iterator[tuple[bytes, bytes, bytes]]:
     """(line, name, stripped value) of each header line up to the empty line; read by both sides of
-    the proxy (`httpd` for requests, `_Connection` for a backend's answers). Raises HeaderError: 431
-    for a line over MAX_LINE or more than MAX_HEADERS fields, 400 for a line without a colon."""
+    the proxy (`httpd` for requests, `_Connection` for a backend's answers) and for chunked trailers.
+    Raises HeaderError: 431 for a line over MAX_LINE or more than MAX_HEADERS fields, 400 for a line
+    without a colon, and with `strict_end` 400 when the input ends before the empty line."""
     for _ in range(MAX_HEADERS + 1):
         line = rfile.readline(MAX_LINE + 1)
         if len(line) > MAX_LINE:
             raise HeaderError(431, "Line too long")
-        if line in (b"\r\n", b"\n", b""):
+        if line in (b"\r\n", b"\n"):
+            return
+        if not line:
+            if strict_end:
+                raise HeaderError(400, "The input ended before the empty line after the fields", ended=True)
             return
         name, colon, value = line.partition(b":")
         if not colon:
             raise HeaderError(400, f"Malformed header line: {line[:60]!r}")
         yield line, name, value.strip()
     raise HeaderError(431, f"More than {MAX_HEADERS} header fields")
+
+
+# -- chunked transfer coding (RFC 9112 §7.1), one decoder for request bodies (httpd) and answers ------
+#   chunk = chunk-size [ chunk-ext ] CRLF chunk-data CRLF;  last-chunk = 1*"0" [ chunk-ext ] CRLF,
+#   then trailer field lines and a final CRLF. chunk-size is 1*HEXDIG: no sign, no "0x", no blanks.
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+_CHUNK_LINE = re.compile(rb"(?P<size>[0-9A-Fa-f]+)(?:[ \t]*;[ \t]*" + _TOKEN
+                         + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?)*\r\n")
+MAX_CHUNK_SIZE_DIGITS = 16  # a size past 2**64 is an attack, not a body
+
+
+class ChunkError(ValueError):
+    """Broken chunked framing. `cut` is True when the input ended in the middle of the body."""
+
+    def __init__(self, message: str, cut: bool = False):
+        super().__init__(message)
+        self.cut = cut
+
+
+def next_chunk_size(rfile) -> int:
+    """Read one chunk-size line (with its extensions, which are checked and ignored) and return the
+    size. At the last chunk (0) the trailer section is read too (fields checked, bounded like header
+    fields, discarded). Raises ChunkError."""
+    line = rfile.readline(MAX_LINE + 1)
+    if not line.endswith(b"\n") and len(line) <= MAX_LINE:
+        raise ChunkError("the body ended before the last chunk", cut=True)
+    match = _CHUNK_LINE.fullmatch(line)
+    if match is None or len(match["size"].lstrip(b"0")) > MAX_CHUNK_SIZE_DIGITS:
+        raise ChunkError(f"malformed chunk-size line: {line[:40]!r}")
+    size = int(match["size"], 16)
+    if size == 0:
+        try:
+            for _ in header_lines(rfile, strict_end=True):
+                pass  # trailer fields: nothing we read uses them
+        except HeaderError as e:
+            raise ChunkError(f"bad trailer section: {e}", cut=e.ended) from None
+    return size
+
+
+def read_chunk_data(rfile, size: int) -> bytes:
+    """The `size` bytes of a chunk and the CRLF that must follow them. Raises ChunkError."""
+    data = rfile.read(size)
+    if len(data) < size:
+        raise ChunkError(f"the body ended {size - len(data)} bytes into a chunk of {size}", cut=True)
+    end = rfile.readline(3)
+    if end != b"\r\n":
+        raise ChunkError(f"no CRLF after a chunk's data: {end!r}", cut=end in (b"", b"\r"))
+    return data
+
+
+def read_chunk(rfile) -> bytes:
+    """The data of the next chunk; b"" once the last chunk and its trailers are read. Raises ChunkError."""
+    size = next_chunk_size(rfile)
+    return read_chunk_data(rfile, size) if size else b""
 
 
 class _Dropped(NetworkError):
@@ -342,21 +405,11 @@ class _BodyReader:
         return b"".join(iter(self.read_some, b""))
 
     def _next_chunk(self) -> bytes:
-        line = self._rfile.readline(MAX_LINE + 1)
         try:
-            size = int(line.split(b";", 1)[0], 16)
-        except ValueError:
-            raise ValueError(f"malformed chunk size from the backend: {line[:40]!r}") from None
-        if size < 0:
-            raise ValueError(f"malformed chunk size from the backend: {line[:40]!r}")
-        if size == 0:
-            while self._rfile.readline(MAX_LINE + 1) not in (b"\r\n", b"\n", b""):
-                pass  # trailer fields
-            self.done = True
-            return b""
-        data = self._rfile.read(size)
-        if len(data) < size or self._rfile.readline(MAX_LINE + 1) not in (b"\r\n", b"\n"):
-            raise ValueError("the backend closed the connection in the middle of a chunk")
+            data = read_chunk(self._rfile)
+        except ChunkError as e:
+            raise ChunkError(f"{e} (from the backend)", e.cut) from None
+        self.done = not data
         return data
 
 

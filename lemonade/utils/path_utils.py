@@ -2,7 +2,10 @@
 
 Functions read `os.environ` on each call (never frozen at import), so tests and long-running servers
 see changes. The HF variables follow `huggingface_hub`'s `constants.py`, because lemonade and
-`huggingface_hub` share one cache (spec hf-hub-protocol.md §2).
+`huggingface_hub` share one cache (spec hf-hub-protocol.md §2). Every on/off flag goes through
+`is_true` (huggingface_hub's rule), so `LEMONADE_OFFLINE=true` and `LEMONADE_CI_MODE=0` mean what they
+say (C++ had a rule per variable; CMake-parity-docs/path_utils.md lists the differences).
+(Passing `env=` to a child process is not reading; `server_manager`'s DISPLAY check is still its own.)
 """
 from __future__ import annotations
 
@@ -22,13 +25,36 @@ ENV_FLM_READY_TIMEOUT = "LEMONADE_FLM_READY_TIMEOUT"  # seconds (ours: tests sho
 ENV_BACKEND_TIMEOUT = "LEMONADE_BACKEND_TIMEOUT"  # seconds a backend may take to answer (ours)
 ENV_CLIENT_TIMEOUT = "LEMONADE_CLIENT_TIMEOUT"  # seconds a client socket may stay silent (ours)
 ENV_LLAMACPP_DOWNLOAD_BASE = "LEMONADE_LLAMACPP_DOWNLOAD_BASE"  # release mirror (ours; C++: github.com)
+ENV_RUNTIME_DIR = "LEMONADE_RUNTIME_DIR"  # locks, PID file, server log (ours; C++: /tmp)
+ENV_CI_MODE = "LEMONADE_CI_MODE"  # no hardware cache (system-info §6)
+ENV_SKIP_PROCESSOR_CHECK = "RYZENAI_SKIP_PROCESSOR_CHECK"  # NPU recipes without an NPU (system-info §7)
+ENV_HF_DOWNLOAD_TIMEOUT = "HF_HUB_DOWNLOAD_TIMEOUT"  # seconds, connect and stall (huggingface_hub)
+ENV_HF_ETAG_TIMEOUT = "HF_HUB_ETAG_TIMEOUT"  # seconds, metadata requests (huggingface_hub)
+DEFAULT_HF_TIMEOUT = 10.0  # huggingface_hub's default for both
+# `lemonade-server` settings read from the environment before argv (tray_app.cpp L511-516, cli.md §4);
+# `cli_parser` parses the values.
+ENV_PORT = "LEMONADE_PORT"
+ENV_HOST = "LEMONADE_HOST"
+ENV_CTX_SIZE = "LEMONADE_CTX_SIZE"
+ENV_LLAMACPP = "LEMONADE_LLAMACPP"
+ENV_LLAMACPP_ARGS = "LEMONADE_LLAMACPP_ARGS"
+ENV_LOG_LEVEL = "LEMONADE_LOG_LEVEL"
+ENV_MAX_LOADED_MODELS = "LEMONADE_MAX_LOADED_MODELS"  # HEAD's `max_loaded_models` (ours as an env var)
+ENV_IDLE_TIMEOUT = "LEMONADE_IDLE_TIMEOUT"  # ours
+SERVER_SETTINGS = (ENV_PORT, ENV_HOST, ENV_CTX_SIZE, ENV_LLAMACPP, ENV_LLAMACPP_ARGS, ENV_LOG_LEVEL,
+                   ENV_MAX_LOADED_MODELS, ENV_IDLE_TIMEOUT)
 DEFAULT_LLAMACPP_DOWNLOAD_BASE = "https://github.com"
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 
 
 def is_true(value: str | None) -> bool:
-    """huggingface_hub's truthiness rule: 1/ON/YES/TRUE in any case (constants.py `_is_true`)."""
+    """huggingface_hub's truthiness rule: 1/ON/YES/TRUE in any case (constants.py `_is_true`); the one
+    rule for every flag this program reads."""
     return value is not None and value.strip().upper() in _TRUE_VALUES
+
+
+def _flag(name: str) -> bool:
+    return is_true(os.environ.get(name))
 
 
 def _expand(path: str) -> Path:
@@ -72,8 +98,8 @@ def hf_token() -> str | None:
 
 
 def is_offline() -> bool:
-    """Offline if `LEMONADE_OFFLINE=1` (C++ rule: only "1") or HF's offline flags are truthy."""
-    if os.environ.get(ENV_LEMONADE_OFFLINE) == "1":
+    """Offline if `LEMONADE_OFFLINE` is truthy (C++: only "1") or HF's offline flags are."""
+    if _flag(ENV_LEMONADE_OFFLINE):
         return True
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         value = os.environ.get(name)
@@ -165,6 +191,37 @@ def client_timeout(default: float) -> float:
     return _seconds(ENV_CLIENT_TIMEOUT, default)
 
 
+def hf_download_timeout() -> float:
+    """`$HF_HUB_DOWNLOAD_TIMEOUT` seconds if positive, else 10: connect and stall timeout of file GETs."""
+    return _seconds(ENV_HF_DOWNLOAD_TIMEOUT, DEFAULT_HF_TIMEOUT)
+
+
+def hf_etag_timeout() -> float:
+    """`$HF_HUB_ETAG_TIMEOUT` seconds if positive, else 10: timeout of metadata requests (API, HEAD)."""
+    return _seconds(ENV_HF_ETAG_TIMEOUT, DEFAULT_HF_TIMEOUT)
+
+
+def ci_mode() -> bool:
+    """`$LEMONADE_CI_MODE` truthy: detect hardware every time, never cache it (C++: set at all)."""
+    return _flag(ENV_CI_MODE)
+
+
+def skip_processor_check() -> bool:
+    """`$RYZENAI_SKIP_PROCESSOR_CHECK` truthy: treat the NPU as present (C++: exactly 1, true or yes)."""
+    return _flag(ENV_SKIP_PROCESSOR_CHECK)
+
+
+def windows_system_root() -> str:
+    """`%SystemRoot%`, else `C:\\Windows` (where the Vulkan loader DLL is looked for)."""
+    return os.environ.get("SystemRoot", r"C:\Windows")
+
+
+def server_settings_from_env() -> dict[str, str]:
+    """The `lemonade-server` settings present in the environment, by variable name, as raw strings
+    (an empty value counts as set, as C++ `getenv` does); `cli_parser` parses them."""
+    return {name: os.environ[name] for name in SERVER_SETTINGS if name in os.environ}
+
+
 def llamacpp_download_base() -> str:
     """Where llama.cpp release zips come from: `$LEMONADE_LLAMACPP_DOWNLOAD_BASE`, else github.com."""
     return (os.environ.get(ENV_LLAMACPP_DOWNLOAD_BASE) or DEFAULT_LLAMACPP_DOWNLOAD_BASE).rstrip("/")
@@ -174,7 +231,7 @@ def runtime_dir() -> Path:
     """Where the single-instance locks, the PID file and the server log live: `$LEMONADE_RUNTIME_DIR`
     (ours, so tests and CI jobs can run several servers side by side), else `/tmp` as in C++
     (`include/lemon/single_instance.h`, `tray_app.cpp` get_server_info)."""
-    value = os.environ.get("LEMONADE_RUNTIME_DIR")
+    value = os.environ.get(ENV_RUNTIME_DIR)
     return _expand(value) if value else Path("/tmp")
 
 
