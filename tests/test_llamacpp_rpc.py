@@ -3,6 +3,8 @@ HELLO probe against the real rpc-server (alive, busy, down) and against sockets 
 finding the binary, and `start_worker` running the real rpc-server through process_manager."""
 from __future__ import annotations
 
+import re
+import signal
 import socket
 import struct
 import threading
@@ -203,6 +205,15 @@ def test_start_worker_answers_hello_and_stops(worker):
     assert rpc.probe_worker("127.0.0.1", port).state is WorkerState.DOWN
 
 
+def test_start_worker_leaves_sigpipe_ignored(worker):
+    # rpc-server would die of SIGPIPE when a client goes away mid-reply (tests/test_rpc_netns.py
+    # shows it for real); /proc's SigIgn mask has bit (signal - 1) set for an ignored signal.
+    child, _ = worker
+    status = Path(f"/proc/{child.pid}/status").read_text()
+    ignored = int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+    assert ignored & (1 << (signal.SIGPIPE - 1))
+
+
 def test_worker_serving_a_client_is_busy_not_down_and_survives_the_probe(worker):
     child, port = worker
     with socket.create_connection(("127.0.0.1", port)) as holder:  # a client like llama-server
@@ -217,6 +228,23 @@ def test_worker_serving_a_client_is_busy_not_down_and_survives_the_probe(worker)
     # SIGPIPE (exit -13), which is what this checks.
     wait_for(lambda: rpc.probe_worker("127.0.0.1", port).alive, 10, what="worker free again")
     assert child.is_alive() and "send failed" in child.tail_text()
+
+
+def test_worker_survives_a_client_that_leaves_before_its_reply(worker):
+    """A client that sends HELLO and closes (FIN) before the reply: the worker's second send() then
+    fails with EPIPE, which kills an rpc-server with SIGPIPE at its default (what happens when a
+    llama-server dies mid-generation, by chance of timing; here made certain by queueing the client
+    behind another one)."""
+    child, port = worker
+    with socket.create_connection(("127.0.0.1", port)) as holder:
+        holder.sendall(rpc.HELLO_REQUEST)
+        rpc._recv_exactly(holder, 8 + rpc.HELLO_REPLY_SIZE)
+        with socket.create_connection(("127.0.0.1", port)) as leaver:
+            leaver.sendall(rpc.HELLO_REQUEST)
+    wait_for(lambda: "send failed" in child.tail_text() or not child.is_alive(), 10,
+             what="the worker to answer the client that left")
+    assert child.is_alive(), f"worker exited {child.exit_code()}"
+    assert rpc.probe_worker("127.0.0.1", port).alive
 
 
 def test_start_worker_on_a_taken_port_fails_with_the_workers_words(worker):

@@ -186,7 +186,10 @@ def start_worker(host: str, port: int = DEFAULT_PORT, threads: int | None = None
         log.warning("rpc-server listens on %s:%d without authentication; expose it only to a trusted "
                     "network", argv[2], port)
     try:
-        child = process_manager.spawn(PROCESS_NAME, argv, env=env)
+        # rpc-server writes with plain send() and keeps SIGPIPE's default: a client that dies mid-reply
+        # (llama-server killed during a generation) would kill the worker too. Ignored, the send fails
+        # with EPIPE, rpc-server drops that client and accepts the next.
+        child = process_manager.spawn(PROCESS_NAME, argv, env=env, ignore_sigpipe=True)
     except OSError as e:
         raise ProcessError(f"Could not start {argv[0]}: {e}") from e
     probe_host = "127.0.0.1" if argv[2] == "0.0.0.0" else argv[2]
