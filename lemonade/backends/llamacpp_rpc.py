@@ -196,6 +196,7 @@ def start_worker(host: str, port: int = DEFAULT_PORT, threads: int | None = None
     deadline = time.monotonic() + timeout
     while True:
         if not child.is_alive():
+            _wait_drained(child)
             raise ProcessError(f"rpc-server exited with code {child.exit_code()} before it was ready:\n"
                                f"{child.tail_text()}")
         health = probe_worker(probe_host, port, timeout=min(PROBE_TIMEOUT, max(0.1, deadline - time.monotonic())))
@@ -209,6 +210,14 @@ def start_worker(host: str, port: int = DEFAULT_PORT, threads: int | None = None
             raise ProcessError(f"rpc-server did not answer HELLO on {probe_host}:{port} within {timeout:.0f}s "
                                f"({health.detail}):\n{child.tail_text()}")
         time.sleep(WORKER_POLL_INTERVAL)
+
+
+def _wait_drained(child: process_manager.Child, limit: float = 1.0) -> None:
+    """Give the output thread a moment to read the last words of a child that exited (it closes
+    stdout when done), so the error quotes them."""
+    deadline = time.monotonic() + limit
+    while child.popen.stdout is not None and not child.popen.stdout.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _listens(pid: int, port: int) -> bool:
