@@ -61,15 +61,18 @@ class Child:
 
 
 def spawn(name: str, argv: Sequence[str], env: dict[str, str] | None = None,
-          child_log: logging.Logger | None = None) -> Child:
+          child_log: logging.Logger | None = None, ignore_sigpipe: bool = False) -> Child:
     """Start `argv` (a list, never a shell string) in its own session; drain its output into the log.
 
-    Blocks only for the fork/exec. Raises OSError if the executable cannot be run.
+    `ignore_sigpipe` leaves SIGPIPE (and SIGXFSZ) ignored in the child, as Python has them, instead of
+    restoring the default: for a child that writes to sockets without MSG_NOSIGNAL and would otherwise
+    be killed when a peer goes away (ggml's rpc-server). Blocks only for the fork/exec. Raises OSError
+    if the executable cannot be run.
     """
     def start() -> subprocess.Popen:
         return subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=env, start_new_session=True,
+            env=env, start_new_session=True, restore_signals=not ignore_sigpipe,
             preexec_fn=_set_parent_death_signal if _prctl is not None else None)
 
     popen = _spawner.submit(start).result()
