@@ -131,14 +131,17 @@ def test_messages_reach_the_embedded_model(server):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_backend_400_keeps_status_and_wrapper(server, stream):
-    """B answers 200 with this wrapper (chat) or a broken stream; we keep llama-server's status."""
+def test_backend_400_keeps_status_and_reason(server, stream):
+    """B answers 200 with a wrapper that says only "llama-server request failed" (chat) or a broken
+    stream; we keep llama-server's status and put its reason in `message` (HEAD's wrapper)."""
     reply = chat(server, max_tokens="many", stream=stream)
     assert reply.status_code == 400
     body = reply.json()
     assert reply.content == compact(body)
-    assert body["error"]["message"] == "llama-server request failed" and body["error"]["type"] == "backend_error"
+    assert "max_tokens" in body["error"]["message"] and body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["status_code"] == 400
     details = body["error"]["details"]
+    assert details["backend"] == "llama-server"
     assert details["status_code"] == 400
     assert details["response"]["error"]["type"] == "invalid_request_error"
     assert "max_tokens" in details["response"]["error"]["message"]

@@ -140,7 +140,8 @@ def test_stream_backend_error_status(loaded_router, is_cpp):
     else:
         assert status == 400
         error = json.loads(body)["error"]
-        assert error["details"]["status_code"] == status and error["type"] == "backend_error"
+        assert error["details"]["status_code"] == status == error["status_code"]
+        assert error["message"] == error["details"]["response"]["error"]["message"]  # llama-server's reason
 
 
 def test_unload_then_health(loaded_router):
