@@ -97,6 +97,14 @@ class DownloadError(LemonadeError):
     status = 500
 
 
+class OfflineError(DownloadError):
+    """A model must be downloaded and offline mode forbids it (HEAD answers 400 `lemond_offline`; C++
+    GA ignored the flag and failed on the network)."""
+
+    error_type = "offline"
+    status = 400
+
+
 class ProcessError(LemonadeError):
     """A backend child that failed to start, died or hung."""
 

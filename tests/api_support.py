@@ -171,10 +171,15 @@ def backend_port(server: ServerProc) -> int:
     return int(cmdline[cmdline.index("--port") + 1])
 
 
-def backend_cmdline(server: ServerProc) -> list[str]:
-    procs = server.llama_processes()
-    assert len(procs) == 1, procs
-    return procs[0].cmdline()
+def backend_cmdline(server: ServerProc, model: str | None = None) -> list[str]:
+    """The llama-server command line of `model` (default: the most recently used model), found by the
+    pid `/health` reports for it."""
+    import requests
+
+    loaded = requests.get(server.api + "/health", timeout=10).json()["all_models_loaded"]
+    (pid,) = [e["pid"] for e in loaded if e["model_name"] == (model or loaded[0]["model_name"])]
+    assert pid in {p.pid for p in server.llama_processes()}
+    return psutil.Process(pid).cmdline()
 
 
 def sse_frames(body: bytes) -> list[bytes]:

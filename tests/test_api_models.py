@@ -52,16 +52,19 @@ def test_load_errors_keep_bs_string_shape(server, body, status, message):
     assert reply.status_code == status and reply.json() == {"error": message}
 
 
+OFFLINE_GONE = ("Model user.Gone is not downloaded, and offline mode (HF_HUB_OFFLINE=1) forbids downloading it. "
+                "Missing: missing.gguf")
+
+
 def test_auto_load_failure_names_the_real_cause(server):
-    """A registered model whose file is not in the cache (offline: nothing to download). B answers
-    chat with the generic 404 "endpoint does not exist"; we say what went wrong."""
+    """A registered model whose file is not in the cache, offline. B answers chat with the generic 404
+    "endpoint does not exist" (and GA ignores the offline flag); we say what went wrong."""
     reply = post(server, "chat/completions", {"model": "user.Gone", "messages": HELLO})
-    assert reply.status_code == 500
-    assert reply.json() == {"error": {"message": f"GGUF file not found for checkpoint: nobody/missing-GGUF:missing.gguf",
-                                      "type": "process_error"}}
+    assert reply.status_code == 400
+    assert reply.json()["error"]["message"] == OFFLINE_GONE and reply.json()["error"]["type"] == "offline"
     reply = post(server, "load", {"model_name": "user.Gone"})
-    assert reply.status_code == 500
-    assert reply.json() == {"error": "GGUF file not found for checkpoint: nobody/missing-GGUF:missing.gguf"}
+    assert reply.status_code == 400
+    assert reply.json() == {"error": OFFLINE_GONE}
     # The evicted model is gone (the load replaced it before failing), and nothing was left running.
     assert requests.get(server.api + "/health").json()["model_loaded"] in (None, DEFAULT_MODEL)
 

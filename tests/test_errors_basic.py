@@ -43,9 +43,12 @@ def test_fresh_server_errors(server_factory):
 
     # Health with nothing loaded, under both prefixes.
     for prefix in ("/api/v0", "/api/v1"):
-        assert requests.get(server.url + prefix + "/health").json() == {
+        body = requests.get(server.url + prefix + "/health").json()
+        assert {k: body[k] for k in ("checkpoint_loaded", "context_size", "log_streaming", "model_loaded",
+                                     "status")} == {
             "checkpoint_loaded": None, "context_size": 4096,
             "log_streaming": {"sse": True, "websocket": False}, "model_loaded": None, "status": "ok"}
+        assert body["all_models_loaded"] == []
 
     # Stats with nothing loaded: 200 and the model_not_loaded object (B).
     assert requests.get(api + "/stats").json() == {

@@ -68,6 +68,10 @@ class RecipeSpec:
         mmproj = next((p for p in paths if p.as_posix().endswith("/" + info.mmproj)), None) if info.mmproj else None
         return ModelFiles(paths[0], mmproj)
 
+    def missing(self, info: ModelInfo) -> list[str]:
+        """The files a fetch would download, as far as the cache can tell offline."""
+        return hf_cache.missing_files(info.checkpoint, self.selection(info))
+
     def fetch(self, info: ModelInfo, progress: Progress | None, force: bool) -> None:
         """Download what `model_files` needs. Blocks; raises DownloadError, NetworkError."""
         from lemonade.model_manager import hf_download  # lazily: `requests` only when a pull runs
@@ -148,6 +152,9 @@ class FlmSpec(RecipeSpec):
         from lemonade.backends import fastflowlm_server
 
         return ModelFiles(None) if fastflowlm_server.is_model_pulled(info.checkpoint) else None
+
+    def missing(self, info: ModelInfo) -> list[str]:
+        return [info.checkpoint]  # flm's own store: the checkpoint is the unit
 
     def fetch(self, info: ModelInfo, progress: Progress | None, force: bool) -> None:
         from lemonade.backends import fastflowlm_server

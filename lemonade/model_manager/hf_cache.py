@@ -267,6 +267,26 @@ def checkpoint_files(checkpoint: str, select: Selection, revision: str = "main")
     return None
 
 
+def missing_files(checkpoint: str, select: Selection, revision: str = "main") -> list[str]:
+    """Which files a pull would still have to fetch, as far as the cache can tell without the network:
+    from the cached listing of the commit, else from the variant when it names a file; [] when the
+    cache knows nothing of the repo's files (the caller then names the checkpoint)."""
+    repo_id, variant = split_checkpoint(checkpoint)
+    try:
+        repo = RepoDir.of(repo_id)
+    except InvalidRequestError:
+        return []
+    for snap in candidate_snapshots(repo, revision):
+        present = set(snapshot_files(snap))
+        tree = read_tree(repo, snap.name)
+        try:
+            wanted = select(list(tree) if tree is not None else sorted(present), variant, repo_id)
+        except DownloadError:
+            continue
+        return [f for f in wanted if f not in present]
+    return [variant] if variant.lower().endswith(".gguf") else []
+
+
 def is_checkpoint_downloaded(checkpoint: str, select: Selection, revision: str = "main") -> bool:
     return checkpoint_files(checkpoint, select, revision) is not None
 

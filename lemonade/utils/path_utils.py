@@ -97,15 +97,20 @@ def hf_token() -> str | None:
         return None
 
 
-def is_offline() -> bool:
-    """Offline if `LEMONADE_OFFLINE` is truthy (C++: only "1") or HF's offline flags are."""
+def offline_setting() -> str | None:
+    """`NAME=value` of the variable that turns offline mode on, or None when online: `LEMONADE_OFFLINE`
+    truthy (C++: only "1"), else the first non-empty of HF's flags, as huggingface_hub reads them."""
     if _flag(ENV_LEMONADE_OFFLINE):
-        return True
+        return f"{ENV_LEMONADE_OFFLINE}={os.environ[ENV_LEMONADE_OFFLINE]}"
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         value = os.environ.get(name)
-        if value:  # first non-empty wins, as in huggingface_hub
-            return is_true(value)
-    return False
+        if value:
+            return f"{name}={value}" if is_true(value) else None
+    return None
+
+
+def is_offline() -> bool:
+    return offline_setting() is not None
 
 
 def lemonade_cache_dir() -> Path:
