@@ -23,6 +23,9 @@ ENV_BACKEND_TIMEOUT = "LEMONADE_BACKEND_TIMEOUT"  # seconds a backend may take t
 ENV_CLIENT_TIMEOUT = "LEMONADE_CLIENT_TIMEOUT"  # seconds a client socket may stay silent (ours)
 ENV_LLAMACPP_DOWNLOAD_BASE = "LEMONADE_LLAMACPP_DOWNLOAD_BASE"  # release mirror (ours; C++: github.com)
 DEFAULT_LLAMACPP_DOWNLOAD_BASE = "https://github.com"
+# `run` never starts a browser: upstream's Python `lemonade-server run` (src/lemonade_server/cli.py L352 at
+# 61dda2d04), which its CI test test/server_cli.py sets; C++ B has no such switch and always tries xdg-open.
+ENV_DISABLE_BROWSER = "LEMONADE_DISABLE_BROWSER"
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 
 
@@ -168,6 +171,20 @@ def client_timeout(default: float) -> float:
 def llamacpp_download_base() -> str:
     """Where llama.cpp release zips come from: `$LEMONADE_LLAMACPP_DOWNLOAD_BASE`, else github.com."""
     return (os.environ.get(ENV_LLAMACPP_DOWNLOAD_BASE) or DEFAULT_LLAMACPP_DOWNLOAD_BASE).rstrip("/")
+
+
+def browser_disabled() -> bool:
+    """`$LEMONADE_DISABLE_BROWSER` set to anything non-empty, as upstream's Python CLI reads it (so `0`
+    disables too: the variable's only definition upstream)."""
+    return bool(os.environ.get(ENV_DISABLE_BROWSER))
+
+
+def has_display() -> bool:
+    """Whether a browser can be shown: always on macOS and Windows, else an X11 `$DISPLAY` or a
+    `$WAYLAND_DISPLAY`."""
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 def runtime_dir() -> Path:
