@@ -63,6 +63,7 @@ class ServerConfig(_Record):
         self.idle_timeout = idle_timeout  # seconds without a request before a model unloads; 0 = never
 
 
+
 # == lemonade-router (CLI11) ===================================================================
 
 ROUTER_HELP = """\

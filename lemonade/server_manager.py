@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from lemonade import single_instance
+from lemonade.logging_config import print_line
 
 PROBE_TIMEOUT = 5.0  # C++ client read timeout (cli.md §5.2)
 PULL_TIMEOUT = 7200.0
@@ -28,6 +29,7 @@ RULE = "-" * 100
 PULL_USAGE = "pull <model_name> [--checkpoint CHECKPOINT] [--recipe RECIPE] [--reasoning] [--vision] [--mmproj MMPROJ]"
 DELETE_USAGE = "delete <model_name>"
 RUN_USAGE = "run <model_name>"
+NO_BROWSER_NOTE = "Not opening a browser: "  # + the reason; stderr, once the model is loaded
 
 
 class HttpFailure(Exception):
@@ -399,16 +401,15 @@ def serve(config, prog: str) -> int:
     configure_logging(config.log_level)
 
     def ready(port: int, shutdown) -> None:
-        print("Press Ctrl+C to stop", flush=True)
+        print_line("Press Ctrl+C to stop")
 
     return run_server(config, on_ready=ready, persistent=True)
 
 
 def run(config, positionals: list[str], prog: str) -> int:
-    """cli.md §6 run: `serve`, then load NAME and open the chat (browser if a display exists, else the
-    URL is printed). The name is checked before anything starts (C++ starts the server first)."""
-    import threading
-
+    """cli.md §6 run: `serve`, then load NAME and show the chat (`_show_chat`). The name is checked
+    before anything starts (C++ starts the server first). Blocks until the server stops; returns the
+    exit code (1 when the load fails, after the server has shut down)."""
     from lemonade.logging_config import configure_logging
     from lemonade.server import run_server
 
@@ -423,27 +424,56 @@ def run(config, positionals: list[str], prog: str) -> int:
     outcome = {"code": 0}
 
     def after_start(port: int, shutdown) -> None:
-        print(f"Running model: {model}\nLoading model {model}...", flush=True)
+        print_line(f"Running model: {model}\nLoading model {model}...")
         try:
             request(config.host, port, "POST", "/api/v1/load", {"model_name": model}, timeout=LOAD_TIMEOUT)
         except HttpFailure as e:
-            print(f"Exception loading model: {e}\nFailed to load model", file=sys.stderr, flush=True)
+            print_line(f"Exception loading model: {e}\nFailed to load model", file=sys.stderr)
             outcome["code"] = 1
             shutdown()
             return
-        url = f"http://{config.host}:{port}/?model={model}#llm-chat"
-        print("Model loaded successfully!")
-        if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
-            import webbrowser
-
-            print(f"Opening browser: {url}", flush=True)
-            threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()
-        else:
-            print(f"Open the chat in a browser: {url}", flush=True)
-        print("Press Ctrl+C to stop", flush=True)
+        print_line("Model loaded successfully!")
+        _show_chat(f"http://{config.host}:{port}/?model={model}#llm-chat")
+        print_line("Press Ctrl+C to stop")
 
     code = run_server(config, on_ready=after_start, persistent=True)
     return outcome["code"] or code
+
+
+def _show_chat(url: str) -> None:
+    """Open the chat page in a browser, or print its URL and say on stderr why no browser was started.
+
+    Streams as in C++ (tray_app.cpp L1022-1031, cli.md §6 run): the user's lines on stdout, and on stderr
+    the one line a failed browser start gives there (C++: `sh: 1: xdg-open: not found` on a headless
+    machine). That line comes once the model is loaded, so a parent that reads stderr line by line while
+    it waits for the model (upstream test/server_cli.py test_003) is released as C++ releases it.
+    Never blocks: a browser is started from a daemon thread, as C++ backgrounds xdg-open with `&`."""
+    import threading
+
+    from lemonade.utils import path_utils
+
+    if path_utils.browser_disabled():
+        reason = f"{path_utils.ENV_DISABLE_BROWSER} is set"
+    elif not path_utils.has_display():
+        reason = "no display (DISPLAY and WAYLAND_DISPLAY are unset)"
+    else:
+        print_line(f"Opening browser: {url}")
+        threading.Thread(target=_open_browser, args=(url,), name="browser", daemon=True).start()
+        return
+    print_line(f"Open the chat in a browser: {url}")
+    print_line(f"{NO_BROWSER_NOTE}{reason}", file=sys.stderr)
+
+
+def _open_browser(url: str) -> None:
+    """Blocks while the browser command runs (`webbrowser` waits for some); reports a failure on stderr."""
+    import webbrowser
+
+    try:
+        opened = webbrowser.open(url)
+    except webbrowser.Error:
+        opened = False
+    if not opened:
+        print_line(f"Could not open a browser for {url}", file=sys.stderr)
 
 
 # -- load / unload / pin / unpin (ours, as lemonade HEAD's CLI: head-llm-surface.md §1.3) ---------

@@ -186,6 +186,8 @@ def test_run_loads_and_stop_leaves_nothing(env, tmp_path, llama_server_bin):
                     f"Open the chat in a browser: {url}", "Press Ctrl+C to stop"]
         lines = out.splitlines()  # log lines of the load may come in between
         assert [line for line in lines if line in expected] == expected
+        # Where C++ prints its xdg-open failure: stderr (cli.md §6 run).
+        assert server.err() == "Not opening a browser: no display (DISPLAY and WAYLAND_DISPLAY are unset)\n"
         assert len(llama_processes(marker)) == 1
         result = run_cli("lemonade", "stop", env=env)
         assert result.returncode == 0

@@ -395,3 +395,25 @@ def test_backend_client_keeps_a_non_json_error_body():
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("env,disabled,display", [
+    ({}, False, False),
+    ({"LEMONADE_DISABLE_BROWSER": "1"}, True, False),
+    ({"LEMONADE_DISABLE_BROWSER": "0"}, False, False),  # the one flag rule (upstream Python: any value)
+    ({"LEMONADE_DISABLE_BROWSER": "yes"}, True, False),
+    ({"LEMONADE_DISABLE_BROWSER": ""}, False, False),
+    ({"DISPLAY": ":0"}, False, True),
+    ({"WAYLAND_DISPLAY": "wayland-0"}, False, True),
+    ({"DISPLAY": "", "WAYLAND_DISPLAY": ""}, False, False),
+    ({"DISPLAY": ":0", "LEMONADE_DISABLE_BROWSER": "1"}, True, True),
+])
+def test_browser_settings_on_linux(monkeypatch, env, disabled, display):
+    from lemonade.utils import path_utils
+
+    monkeypatch.setattr(path_utils.sys, "platform", "linux")
+    for name in ("LEMONADE_DISABLE_BROWSER", "DISPLAY", "WAYLAND_DISPLAY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert (path_utils.browser_disabled(), path_utils.has_display()) == (disabled, display)

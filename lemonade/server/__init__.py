@@ -10,6 +10,8 @@ import signal
 import sys
 import threading
 
+from lemonade.logging_config import print_line  # stdlib-only module: costs nothing at import
+
 log = logging.getLogger(__name__)
 
 
@@ -20,24 +22,24 @@ _CLIENT_SIGNAL_LINES = {signal.SIGINT: "\nReceived interrupt signal, shutting do
 
 
 def _print_router_banner(config) -> None:
-    print("Starting Lemonade Server...")
-    print(f"  Port: {config.port}\n  Host: {config.host}\n  Log level: {config.log_level}\n"
-          f"  Context size: {config.ctx_size}", flush=True)
+    print_line("Starting Lemonade Server...")
+    print_line(f"  Port: {config.port}\n  Host: {config.host}\n  Log level: {config.log_level}\n"
+               f"  Context size: {config.ctx_size}")
 
 
 def _print_started(config) -> None:
     from lemonade import __version__, single_instance
 
     shown_host = "localhost" if config.host == "0.0.0.0" else config.host
-    print(f"Lemonade Server v{__version__} started on port {config.port}")
-    print(f"Chat and manage models: http://{shown_host}:{config.port}")
-    print(f"[ServerManager] PID file created: {single_instance.pid_file_path()}", flush=True)
+    print_line(f"Lemonade Server v{__version__} started on port {config.port}")
+    print_line(f"Chat and manage models: http://{shown_host}:{config.port}")
+    print_line(f"[ServerManager] PID file created: {single_instance.pid_file_path()}")
 
 
 def _fail(message: str, persistent: bool) -> int:
-    print(message, file=sys.stderr)
+    print_line(message, file=sys.stderr)
     if persistent:
-        print("Error: Failed to start server", file=sys.stderr)
+        print_line("Error: Failed to start server", file=sys.stderr)
     return 1
 
 
@@ -122,7 +124,7 @@ def _serve(config, on_ready, persistent: bool) -> int:
     def on_signal(signum, frame) -> None:
         # shutdown() must not run on the thread inside serve_forever; the main thread waits on `stop`.
         line = _CLIENT_SIGNAL_LINES.get(signum, "") if persistent else _ROUTER_SIGNAL_LINE
-        print(line, flush=True)
+        print_line(line)
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -134,7 +136,7 @@ def _serve(config, on_ready, persistent: bool) -> int:
             pass
     finally:
         if persistent:
-            print("Shutting down server...", flush=True)
+            print_line("Shutting down server...")
         httpd.shutdown()
         httpd.server_close()
         router.shutdown()
@@ -143,5 +145,5 @@ def _serve(config, on_ready, persistent: bool) -> int:
             signal.signal(s, handler)
         log.info("[Server] Stopped")
         if persistent:
-            print("Server stopped successfully", flush=True)
+            print_line("Server stopped successfully")
     return 0

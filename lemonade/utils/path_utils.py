@@ -44,6 +44,9 @@ ENV_IDLE_TIMEOUT = "LEMONADE_IDLE_TIMEOUT"  # ours
 SERVER_SETTINGS = (ENV_PORT, ENV_HOST, ENV_CTX_SIZE, ENV_LLAMACPP, ENV_LLAMACPP_ARGS, ENV_LOG_LEVEL,
                    ENV_MAX_LOADED_MODELS, ENV_IDLE_TIMEOUT)
 DEFAULT_LLAMACPP_DOWNLOAD_BASE = "https://github.com"
+# `run` never starts a browser: upstream's Python `lemonade-server run` (src/lemonade_server/cli.py L352 at
+# 61dda2d04), which its CI test test/server_cli.py sets; C++ B has no such switch and always tries xdg-open.
+ENV_DISABLE_BROWSER = "LEMONADE_DISABLE_BROWSER"
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 
 
@@ -230,6 +233,20 @@ def server_settings_from_env() -> dict[str, str]:
 def llamacpp_download_base() -> str:
     """Where llama.cpp release zips come from: `$LEMONADE_LLAMACPP_DOWNLOAD_BASE`, else github.com."""
     return (os.environ.get(ENV_LLAMACPP_DOWNLOAD_BASE) or DEFAULT_LLAMACPP_DOWNLOAD_BASE).rstrip("/")
+
+
+def browser_disabled() -> bool:
+    """`$LEMONADE_DISABLE_BROWSER` by the one flag rule (upstream's Python CLI took any non-empty value,
+    so there `0` disabled too; its CI sets `1`)."""
+    return _flag(ENV_DISABLE_BROWSER)
+
+
+def has_display() -> bool:
+    """Whether a browser can be shown: always on macOS and Windows, else an X11 `$DISPLAY` or a
+    `$WAYLAND_DISPLAY`."""
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 def runtime_dir() -> Path:
