@@ -181,7 +181,8 @@ class Router:
         finally:
             with self._table:
                 slot.in_flight -= 1
-                slot.streams -= 1 if call.stream else 0
+                if call.stream:
+                    slot.streams -= 1
                 slot.last_use = time.monotonic()
                 self._table.notify_all()
 
@@ -218,7 +219,8 @@ class Router:
             slot.pinned = pinned
         if for_request:
             slot.in_flight += 1
-            slot.streams += 1 if stream else 0
+            if stream:
+                slot.streams += 1
 
     def _load_lock(self, name: str) -> threading.Lock:
         with self._table:

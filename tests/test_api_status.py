@@ -4,14 +4,13 @@ routes, unknown routes and methods, CORS, serialization (§0), keep-alive and th
 from __future__ import annotations
 
 import http.client
-import json
 
 import pytest
 import requests
 
 import lemonade
 
-from api_support import (CORS, DEFAULT_MODEL, GEMMA_CHECKPOINT, METHOD_NOT_ALLOWED, POST_ENDPOINTS,
+from api_support import (DEFAULT_MODEL, GEMMA_CHECKPOINT, METHOD_NOT_ALLOWED, POST_ENDPOINTS,
                          assert_cors, compact, not_found, raw_request, request_bytes, running_server,
                          wait_for)
 

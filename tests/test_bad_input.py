@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from api_support import (settled_resources, CORS, DEFAULT_MODEL, HELLO, backend_port, raw_connection, raw_request,
-                         read_response, request_bytes, resources, running_server, server_process, wait_for,
+                         read_response, request_bytes, running_server, server_process, wait_for,
                          wait_for_baseline)
 
 SEED = 20251125

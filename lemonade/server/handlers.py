@@ -394,6 +394,7 @@ class OpenAiSink:
 
     def __init__(self, h, check=None):
         self.h, self.check = h, check
+        self.stream_chunk = _chunk_writer(h)  # ReplySink.stream_chunk: raises ClientGone when the client left
 
     def json(self, status: int, body: Any) -> None:
         if status == 200 and self.check:
@@ -402,12 +403,6 @@ class OpenAiSink:
 
     def stream_start(self) -> None:
         self.h.start_sse()
-
-    def stream_chunk(self, data: bytes) -> None:
-        try:
-            self.h.write_chunk(data)
-        except ClientDisconnected as e:
-            raise streaming_proxy.ClientGone() from e
 
     def stream_end(self, error: dict | None) -> None:
         if error is not None:  # an OpenAI error object in a data frame, and no [DONE] (HEAD §7.4)
