@@ -244,9 +244,10 @@ def test_loads_of_two_models_run_in_parallel(serve, hub, tmp_path):
     worker.join(timeout=LOAD_TIMEOUT)
     assert fast_done < done["slow"]
     assert loaded_names(server) == {A, slow}
-    stages = [p.get("stage", "download") for p in progress if p["event"] == "progress"]
+    stages = [p["stage"] for p in progress if p["event"] == "progress"]
     assert stages[0] == "download"  # one stream of events: the download first, then the health wait
     assert stages == sorted(stages, key=["download", "starting"].index)
+    assert all(p.get("file") == path.name for p in progress if p.get("stage") == "download")
     assert progress[-1]["event"] == "complete" and progress[-1]["model_name"] == slow
 
 

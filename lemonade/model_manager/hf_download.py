@@ -53,6 +53,7 @@ class DownloadProgress:
     bytes_total: int   # of this file
     total_done: int    # over all files of this pull
     total_bytes: int
+    stage: str = "download"  # "install": the llama.cpp release a load fetches first (same event stream)
 
     @property
     def percent(self) -> float:

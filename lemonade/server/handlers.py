@@ -444,7 +444,7 @@ def progress_event(p) -> dict[str, Any]:
     load's StartProgress (waiting for the backend's health)."""
     if isinstance(p, StartProgress):
         return {"stage": p.stage, "model_name": p.model, "elapsed": round(p.elapsed, 1)}
-    return {"file": p.file, "file_index": p.file_index, "total_files": p.file_count,
+    return {"stage": p.stage, "file": p.file, "file_index": p.file_index, "total_files": p.file_count,
             "bytes_downloaded": p.bytes_done, "bytes_total": p.bytes_total,
             "total_download_size": p.total_bytes, "total_downloaded": p.total_done,
             "percent": round(p.percent, 1)}
