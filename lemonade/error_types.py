@@ -180,6 +180,23 @@ def backend_error_body(server_name: str, status: int, response: Any) -> dict[str
     return {"error": body}
 
 
+UNSUPPORTED_ERROR_TYPES = frozenset({"not_supported_error", "unsupported_operation"})
+
+
+def backend_status_for_client(status: int, response: Any) -> int:
+    """The status a client gets for a backend's non-200 answer: the backend's own, except that a
+    5xx meaning "this model does not do that" (llama-server's 501 `not_supported_error`, e.g.
+    embeddings from a server started without `--embeddings`) becomes 400. SDKs retry every 5xx
+    (the openai client twice, with backoff), and no retry can help here; the body keeps the
+    backend's status in `status_code`."""
+    if status == 501:
+        return 400
+    error = response.get("error") if isinstance(response, dict) else None
+    if status >= 500 and isinstance(error, dict) and error.get("type") in UNSUPPORTED_ERROR_TYPES:
+        return 400
+    return status
+
+
 class NoModelError(InvalidRequestError):
     """A request names no model and none is loaded. C++ answers with a plain string body here."""
 

@@ -175,6 +175,8 @@ class Router:
             if current is None:
                 raise NoModelError()
             name = current.name
+        if call.reply_model is None:
+            call.reply_model = name  # answers name the model as the client asked for it (HEAD §7.2)
         slot, _ = self._acquire(name, progress, for_request=True, stream=call.stream)
         try:
             slot.backend.forward(call, sink)

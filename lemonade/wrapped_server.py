@@ -26,7 +26,7 @@ from typing import Any, Callable, Protocol
 
 from lemonade import streaming_proxy
 from lemonade.error_types import (LemonadeError, ModelNotLoadedError, NetworkError, ProcessError,
-                                  backend_error_body)
+                                  backend_error_body, backend_status_for_client)
 from lemonade.utils import http_client, json_utils, path_utils, process_manager
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,9 @@ class BackendCall:
     raw: bytes | None = None
     stream: bool = False
     telemetry: bool = True  # completions update /stats; embeddings and rerank do not (C++ B)
+    # The model name the client asked for; every answer's `model` is rewritten to it (HEAD §7.2:
+    # llama-server names the GGUF path there). The router fills it in when the caller left it None.
+    reply_model: str | None = None
 
 
 class ReplySink(Protocol):
@@ -314,6 +317,12 @@ class WrappedServer:
         `body` itself when nothing changes, a new dict otherwise; identity by default."""
         return body
 
+    def reply_model_token(self) -> bytes | None:
+        """The exact bytes of the `"model":…` member this backend writes into every answer and stream
+        frame, so a stream can be rewritten with a bytes replace per chunk (no parsing on the hot
+        path); None when unknown (answers parsed as JSON are rewritten anyway)."""
+        return None
+
     def request_payload(self, endpoint: str, body: dict[str, Any], raw: bytes | None = None) -> bytes:
         """The bytes to send: the client's own `raw` bytes when nothing rewrote the body, else the
         (rewritten) body serialised."""
@@ -335,10 +344,14 @@ class WrappedServer:
             except NetworkError as e:
                 raise self._death_or(e) from e
             if reply.status != 200:  # C++ GA wrapped it and answered 200; we keep the status
-                sink.json(reply.status, backend_error_body(self.server_name, reply.status, reply.body))
+                sink.json(backend_status_for_client(reply.status, reply.body),
+                          backend_error_body(self.server_name, reply.status, reply.body))
                 return
-            if call.telemetry and isinstance(reply.body, dict):
-                self.telemetry.update(reply.body, streaming=False)
+            if isinstance(reply.body, dict):
+                if call.telemetry:
+                    self.telemetry.update(reply.body, streaming=False)
+                if call.reply_model is not None and "model" in reply.body:
+                    reply.body["model"] = call.reply_model
             sink.json(200, reply.body)
             return
         try:
@@ -352,10 +365,11 @@ class WrappedServer:
                 raise self._death_or(e) from e
             finally:
                 response.close()
-            sink.json(response.status_code, backend_error_body(self.server_name, response.status_code, detail))
+            sink.json(backend_status_for_client(response.status_code, detail),
+                      backend_error_body(self.server_name, response.status_code, detail))
             return
         sink.stream_start()
-        result = streaming_proxy.relay(response, sink.stream_chunk)
+        result = streaming_proxy.relay(response, self._chunk_writer(call, sink))
         if not result.completed:
             return  # the client left; the upstream request is closed, which stops the generation
         error = None
@@ -364,6 +378,22 @@ class WrappedServer:
         elif call.telemetry and result.last_stats_frame:
             self.telemetry.update(result.last_stats_frame, streaming=True)
         sink.stream_end(error)
+
+    def _chunk_writer(self, call: BackendCall, sink: ReplySink) -> Callable[[bytes], None]:
+        """`sink.stream_chunk`, with the `model` member of each frame renamed to the client's name.
+        llama-server sends one whole frame per HTTP chunk, so the member is never split between two
+        chunks; a bytes replace costs about a microsecond for a frame (bench/proxy_overhead.py)."""
+        token = self.reply_model_token()
+        if token is None or call.reply_model is None:
+            return sink.stream_chunk
+        renamed = b'"model":' + json_utils.dumps(call.reply_model)
+        if renamed == token:
+            return sink.stream_chunk
+        write = sink.stream_chunk
+
+        def write_renamed(chunk: bytes) -> None:
+            write(chunk.replace(token, renamed))
+        return write_renamed
 
     def _death_or(self, error: LemonadeError) -> LemonadeError:
         """A failed call to a child that has just died reports the death (the next request starts

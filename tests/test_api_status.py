@@ -77,8 +77,9 @@ def test_models_show_all(server):
 def test_model_by_id_with_slash(server, path):
     reply = requests.get(server.api + path)
     assert reply.status_code == 200
-    assert reply.content == compact({"checkpoint": GEMMA_CHECKPOINT, "id": "user.Org/Slashed",
-                                     "name": "user.Org/Slashed", "recipe": "llamacpp"})
+    assert reply.content == compact({"checkpoint": GEMMA_CHECKPOINT, "created": 1234567890,
+                                     "id": "user.Org/Slashed", "name": "user.Org/Slashed",
+                                     "object": "model", "owned_by": "lemonade", "recipe": "llamacpp"})
 
 
 def test_model_by_id_unknown(server):

@@ -17,7 +17,7 @@ from lemonade import system_info
 from lemonade.backends import llamacpp_install
 from lemonade.backends.llamacpp_install import INSTALL_SUBPATHS
 from lemonade.error_types import InstallationError, InvalidRequestError
-from lemonade.utils import path_utils
+from lemonade.utils import json_utils, path_utils
 from lemonade.wrapped_server import WrappedServer
 
 log = logging.getLogger(__name__)
@@ -211,6 +211,12 @@ class LlamaCppServer(WrappedServer):
         return build_argv(str(self.binary), str(self.gguf), port, self.options, self.labels,
                           str(self.mmproj) if self.mmproj else None,
                           str(self.chat_template) if self.chat_template else None)
+
+    def reply_model_token(self) -> bytes | None:
+        """llama-server names the model by the path given to `-m` (no `--alias` is passed, as C++),
+        serialised by nlohmann::json: compact, `/` unescaped, non-ASCII as raw UTF-8, which is what
+        `json_utils.dumps` writes for a string."""
+        return b'"model":' + json_utils.dumps(str(self.gguf))
 
     def child_env(self) -> dict[str, str] | None:
         if self.options.backend != "rocm" or self.binary is None:

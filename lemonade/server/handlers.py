@@ -155,8 +155,11 @@ class Api:
         h.send_json(200, {"data": entries, "object": "list"})
 
     def model_by_id(self, h, id: str) -> None:
+        """GA's fields plus the OpenAI model object's `object`, `created`, `owned_by` (HEAD §3.12),
+        which the openai client's `models.retrieve` reads."""
         info = self.manager.get_model(id)  # ModelNotFoundError → 404
-        h.send_json(200, {"checkpoint": info.checkpoint, "id": info.name, "name": info.name,
+        h.send_json(200, {"checkpoint": info.checkpoint, "created": MODEL_CREATED, "id": info.name,
+                          "name": info.name, "object": "model", "owned_by": "lemonade",
                           "recipe": info.recipe})
 
     def stats(self, h) -> None:
