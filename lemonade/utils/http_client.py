@@ -487,10 +487,22 @@ def _backend_post(url: str, body: bytes, timeout: float, keep_alive: bool = True
 
 
 def is_reachable(url: str, timeout: float = 1.0) -> bool:
-    """True iff GET `url` answers 200 within `timeout` seconds (C++ `is_reachable`)."""
+    """True iff GET `url` answers 200 within `timeout` seconds (C++ `is_reachable`). Blocks up to
+    about twice `timeout` (connect, then the answer); never raises.
+
+    The health probe of a child that is starting: a refused connection is its normal answer for the
+    first few rounds, so this uses a fresh `http.client` connection (stdlib, no logging) rather than a
+    `requests` session, whose urllib3 pool reports connection failures in the server log."""
+    import http.client
+
+    parts = urlsplit(url)
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = connection_class(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
     try:
-        response = session_for(url).get(url, timeout=(timeout, timeout))
-        response.close()
-        return response.status_code == 200
-    except requests.RequestException:
+        conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                     headers={"User-Agent": USER_AGENT})
+        return conn.getresponse().status == 200
+    except (OSError, http.client.HTTPException, ValueError):
         return False
+    finally:
+        conn.close()
