@@ -35,6 +35,18 @@ class ModelNotFoundError(LemonadeError):
         self.name = name
 
 
+class ModelNotDownloadedError(LemonadeError):
+    """A delete of a known model that has nothing on disk. C++ answers "Deleted model" here; we say
+    that nothing was deleted, with the status C++ gives a delete of an unknown model."""
+
+    error_type = "not_found"
+    status = 422
+
+    def __init__(self, name: str):
+        super().__init__(f"Model {name} is not downloaded: nothing to delete")
+        self.name = name
+
+
 class ModelNotLoadedError(LemonadeError):
     error_type = "model_not_loaded"
     status = 400

@@ -68,6 +68,16 @@ class RecipeSpec:
         mmproj = next((p for p in paths if p.as_posix().endswith("/" + info.mmproj)), None) if info.mmproj else None
         return ModelFiles(paths[0], mmproj)
 
+    def has_files(self, info: ModelInfo) -> bool:
+        """Anything of `info` on disk (its repo's cache folder, a partial download included)."""
+        return hf_cache.RepoDir.of(info.repo_id).path.exists()
+
+    def disk_usage(self, info: ModelInfo) -> int | None:
+        """Bytes the cached files of `info` take (the blobs its selection names); None when it is not
+        downloaded. Stats files only."""
+        paths = hf_cache.checkpoint_files(info.checkpoint, self.selection(info))
+        return None if paths is None else sum(path.stat().st_size for path in paths)
+
     def missing(self, info: ModelInfo) -> list[str]:
         """The files a fetch would download, as far as the cache can tell offline."""
         return hf_cache.missing_files(info.checkpoint, self.selection(info))
@@ -152,6 +162,12 @@ class FlmSpec(RecipeSpec):
         from lemonade.backends import fastflowlm_server
 
         return ModelFiles(None) if fastflowlm_server.is_model_pulled(info.checkpoint) else None
+
+    def has_files(self, info: ModelInfo) -> bool:
+        return self.model_files(info) is not None
+
+    def disk_usage(self, info: ModelInfo) -> int | None:
+        return None  # in flm's own store, which does not say
 
     def missing(self, info: ModelInfo) -> list[str]:
         return [info.checkpoint]  # flm's own store: the checkpoint is the unit

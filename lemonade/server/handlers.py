@@ -339,7 +339,7 @@ class Api:
     def logs_stream(self, h) -> None:
         from lemonade.server import logs
 
-        logs.stream_log(h)
+        logs.stream_log(h, self.config.log_file)
 
     # -- misc --------------------------------------------------------------------------------------
 
@@ -409,6 +409,7 @@ class OpenAiSink:
 
     def stream_end(self, error: dict | None) -> None:
         if error is not None:  # an OpenAI error object in a data frame, and no [DONE] (HEAD §7.4)
+            self.h.outcome = f"stream broke off: {error.get('message', '')}"
             self.stream_chunk(b"data: " + dumps({"error": error}) + b"\n\n")
         self.h.end_chunks()
 
@@ -426,6 +427,7 @@ def progress_stream(h, work) -> None:
         result = work(on_progress)
         write(b"event: complete\ndata: " + dumps(result) + b"\n\n")
     except LemonadeError as e:
+        h.outcome = f"failed: {e.message}"  # the access line's 200 went out before the work failed
         write(b"event: error\ndata: " + dumps({"error": e.message}) + b"\n\n")
     except streaming_proxy.ClientGone:
         h.close_connection = True

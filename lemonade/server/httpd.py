@@ -252,6 +252,7 @@ class Handler(BaseHTTPRequestHandler):
     def _begin(self, method: str) -> None:
         """Per-request state; the path is percent-decoded before routing, as httplib does."""
         self.status_sent = 0
+        self.outcome = ""  # set by a handler whose status line cannot tell (an SSE stream that failed)
         self.url_path, self.query = self.path, {}
         te = self.headers.get("Transfer-Encoding", "").lower()
         self.body_pending = "chunked" in te or self.headers.get("Content-Length", "0").strip() not in ("", "0")
@@ -307,7 +308,13 @@ class Handler(BaseHTTPRequestHandler):
             getattr(self.server.api, route.handler)(self, **params)
 
     def _log_done(self) -> None:
-        log.info("[Server] %s %s - %s", self.command, self.url_path, self.status_sent or "closed")
+        """The access line. A stream's status line went out as 200 before its work ended; when that
+        work failed, the line says so and is a warning (`POST /api/v1/pull - 200 (failed: …)`)."""
+        status = self.status_sent or "closed"
+        if self.outcome:
+            log.warning("[Server] %s %s - %s (%s)", self.command, self.url_path, status, self.outcome)
+        else:
+            log.info("[Server] %s %s - %s", self.command, self.url_path, status)
 
     # -- request bodies ----------------------------------------------------------------------------
 

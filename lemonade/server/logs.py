@@ -20,9 +20,10 @@ MAX_LINE = 65536
 HEARTBEAT = b": heartbeat\n\n"
 
 
-def stream_log(h) -> None:
-    """Blocks until the client leaves (or for HEAD, returns after the headers)."""
-    path = path_utils.server_log_path()
+def stream_log(h, path: str | None = None) -> None:
+    """Stream `path` (`serve --log-file`), else `server_log_path()`. Blocks until the client leaves
+    (or for HEAD, returns after the headers)."""
+    path = path or path_utils.server_log_path()
     try:
         log_file = open(path, "rb")
     except OSError:

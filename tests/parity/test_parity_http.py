@@ -225,8 +225,19 @@ def test_delete_unknown_model_is_422(router):
     assert r.status_code == 422 and r.json() == {"error": "Model not found: user.Nothing"}
 
 
+@pytest.mark.differs_from_cpp("deleting a registry model that was never downloaded deletes nothing; C++ "
+                              "answers success (`Deleted model: …`), ours 422 saying nothing was there")
+def test_delete_never_downloaded(router, is_cpp):
+    r = requests.post(router.api + "/delete", json={"model": "Qwen3-8B-GGUF"}, timeout=30)
+    if is_cpp:
+        assert r.status_code == 200 and r.json()["status"] == "success"
+    else:
+        assert r.status_code == 422
+        assert r.json() == {"error": "Model Qwen3-8B-GGUF is not downloaded: nothing to delete"}
+
+
 PULL_ERRORS = [
-    ({"model": "Not-Registered"},
+    ({"model": "Not-Registered", "checkpoint": "org/Some-GGUF:Q4_0", "recipe": "llamacpp"},
      "When registering a new model, the model name must include the `user` namespace, for example "
      "`user.Phi-4-Mini-GGUF`. Received: Not-Registered"),
     ({"model_name": "user.Unknown"},
@@ -249,6 +260,18 @@ def test_pull_validation(router, is_cpp, body, message):
     assert r.status_code == (500 if is_cpp else 400)
     assert r.json() == {"error": message}
     assert not list(router.home.rglob("user_models.json"))  # nothing was registered
+
+
+@pytest.mark.differs_from_cpp("a pull of a name the registry lacks, given without a checkpoint, names the "
+                              "closest registry names; C++ answers with its `user` namespace rule (and 500)")
+def test_pull_unknown_name(router, is_cpp):
+    r = requests.post(router.api + "/pull", json={"model": "Not-Registered"}, timeout=60)
+    if is_cpp:
+        assert r.status_code == 500 and "`user` namespace" in r.json()["error"]
+    else:
+        assert r.status_code == 400
+        assert r.json()["error"].startswith("Unknown model: Not-Registered. Did you mean ")
+    assert not list(router.home.rglob("user_models.json"))
 
 
 @pytest.mark.differs_from_cpp("invalid JSON is a client error (400 with an error object); C++ answers 500 "
