@@ -51,7 +51,8 @@ class ServerConfig(_Record):
 
     def __init__(self, port: int = DEFAULT_PORT, host: str = DEFAULT_HOST, log_level: str = "info",
                  llamacpp: str = "vulkan", ctx_size: int = DEFAULT_CTX_SIZE, llamacpp_args: str = "",
-                 llama_server: str | None = None, max_loaded_models: int = 1, idle_timeout: float = 0.0):
+                 llama_server: str | None = None, max_loaded_models: int = 1, idle_timeout: float = 0.0,
+                 log_file: str | None = None):
         self.port = port
         self.host = host
         self.log_level = log_level
@@ -61,6 +62,7 @@ class ServerConfig(_Record):
         self.llama_server = llama_server  # explicit llama-server binary (ours; `lemonade --llama-server`)
         self.max_loaded_models = max_loaded_models  # per model type; -1 = unlimited (HEAD §3.1)
         self.idle_timeout = idle_timeout  # seconds without a request before a model unloads; 0 = never
+        self.log_file = log_file  # `serve/run --log-file PATH`: the log goes there (appended), not to stdout
 
 
 
@@ -276,8 +278,10 @@ def parse_client_args(argv: list[str], extra_value_flags: tuple[str, ...] = ()) 
                 break
         return args
     args.command = argv[0]
+    # `--log-file` is in C++'s help and not parsed there (its value became a positional); ours does
+    # what the help says (cli_parser.md, differences).
     value_flags = {"--log-level": "log_level", "--port": "port", "--host": "host", "--ctx-size": "ctx_size",
-                   "--llamacpp": "llamacpp", "--llamacpp-args": "llamacpp_args",
+                   "--llamacpp": "llamacpp", "--llamacpp-args": "llamacpp_args", "--log-file": "log_file",
                    "--max-loaded-models": "max_loaded_models", "--idle-timeout": "idle_timeout"}
     value_flags.update({flag: flag[2:].replace("-", "_") for flag in extra_value_flags})
     i = 1
@@ -327,13 +331,17 @@ def client_help(prog: str, serve_options: bool, ours: bool) -> str:
                   "  unpin <model>            Let a pinned model be evicted again"]
     lines.append("")
     if serve_options:
+        # `lemonade-server` keeps C++'s bytes; `lemonade` states what it does: `localhost` (bound as
+        # 127.0.0.1) is the default everywhere else, and where the log goes.
+        host_default, log_file = ("localhost", "Write the log to PATH (appended), not the console") if ours \
+            else ("127.0.0.1", "Log file path")
         lines += ["Serve Options:",
                   "  --port PORT              Server port (default: 8000)",
-                  "  --host HOST              Server host (default: 127.0.0.1)",
+                  f"  --host HOST              Server host (default: {host_default})",
                   "  --ctx-size SIZE          Context size (default: 4096)",
                   "  --llamacpp BACKEND       LlamaCpp backend: vulkan, rocm, metal (default: vulkan)",
                   "  --llamacpp-args ARGS     Custom arguments for llama-server",
-                  "  --log-file PATH          Log file path",
+                  f"  --log-file PATH          {log_file}",
                   "  --log-level LEVEL        Log level: info, debug, trace (default: info)",
                   "  --no-tray                Start server without tray (default on Linux)"]
         if ours:
@@ -351,12 +359,13 @@ def _dispatch(prog: str, args: ClientArgs) -> int:
     from lemonade import server_manager
 
     command, rest, config = args.command, args.positionals, args.config
+    ours = prog != "lemonade-server"  # `lemonade` adds the loaded models to status, sizes to list
     if command == "status":
-        return server_manager.status()
+        return server_manager.status(loaded_models=ours)
     if command == "stop":
         return server_manager.stop()
     if command == "list":
-        return server_manager.list_models(config)
+        return server_manager.list_models(config, with_sizes=ours)
     if command == "pull":
         return server_manager.pull(config, rest, prog)
     if command == "delete":
@@ -371,8 +380,13 @@ def _dispatch(prog: str, args: ClientArgs) -> int:
 def main_client(prog: str, argv: list[str]) -> int:
     """`lemonade-server` and `lemonade`: parse, pre-dispatch checks (L266-322), run one command."""
     ours = prog != "lemonade-server"
+    extra_flags = ("--llama-server",) if ours else ()
     try:
-        args = parse_client_args(argv, ("--llama-server",) if ours else ())
+        args = parse_client_args(argv, extra_flags)
+        if ours and not (args.command or args.show_help or args.show_version):
+            # `lemonade` alone (or with serve flags only) serves, as the help says of `serve`.
+            # `lemonade-server` keeps C++'s "No command specified" (cli_parser.md, differences).
+            args = parse_client_args(["serve", *argv], extra_flags)
     except UsageError as e:
         print(e.message, file=sys.stderr)
         return e.code

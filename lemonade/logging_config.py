@@ -4,8 +4,9 @@ from __future__ import annotations
 import sys
 
 
-def configure_logging(level: str) -> None:
-    """Log to stdout at `level`; an unknown level (the C++ client passes it on unchecked) means info.
+def configure_logging(level: str, log_file: str | None = None) -> None:
+    """Log to stdout at `level`, or append to `log_file` (`serve --log-file`) instead; an unknown level
+    (the C++ client passes it on unchecked) means info. Raises OSError when `log_file` cannot be opened.
 
     Called by every server entry point (`lemonade-router`, `serve`, `run`) before the first console line.
     stdout and stderr become line-buffered, so each line reaches a pipe as it is printed, as C++ ends
@@ -18,7 +19,11 @@ def configure_logging(level: str) -> None:
             stream.reconfigure(line_buffering=True)
     numeric = {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING,
                "info": logging.INFO, "debug": logging.DEBUG, "trace": logging.DEBUG}.get(level, logging.INFO)
-    logging.basicConfig(level=numeric, stream=sys.stdout,
+    if log_file:
+        handler: logging.Handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stdout)
+    logging.basicConfig(level=numeric, handlers=[handler],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if numeric > logging.DEBUG:
         logging.getLogger("urllib3").setLevel(logging.WARNING)

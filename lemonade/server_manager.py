@@ -111,14 +111,40 @@ def _error_message(status: int, raw: bytes) -> str:
 # -- status / stop ----------------------------------------------------------------------------
 
 
-def status() -> int:
-    """cli.md §6 status: PID-file discovery only; the configured port plays no part."""
+def status(loaded_models: bool = False) -> int:
+    """cli.md §6 status: PID-file discovery only; the configured port plays no part. With
+    `loaded_models` (`lemonade`; `lemonade-server` keeps C++'s one line) the table of loaded models
+    follows, from `/health` (as `ollama ps`, HEAD's `lemonade status`); exit 1 if that fails."""
     info = single_instance.find_server()
     if info is None:
         print("Server is not running")
         return 1
-    print(f"Server is running on port {info.port}")
+    print(f"Server is running on port {info.port}", flush=True)
+    if not loaded_models:
+        return 0
+    try:
+        health = request(*_target(info), "GET", "/api/v1/health")
+    except HttpFailure as e:
+        print(f"Error fetching health status: {e}", file=sys.stderr)
+        return 1
+    print(format_loaded_table(health if isinstance(health, dict) else {}))
     return 0
+
+
+def format_loaded_table(health: dict) -> str:
+    """The loaded models of a `/health` answer: HEAD's `all_models_loaded`, else GA's `model_loaded`."""
+    loaded = health.get("all_models_loaded")
+    if not isinstance(loaded, list):
+        name = health.get("model_loaded")
+        loaded = [{"model_name": name, "checkpoint": health.get("checkpoint_loaded")}] if name else []
+    if not loaded:
+        return "No models loaded."
+    lines = [f"{'Model':<40}{'Type':<11}{'Device':<8}{'Recipe':<10}Checkpoint"]
+    for m in loaded:
+        name = f"{m.get('model_name', '?')}{' (pinned)' if m.get('pinned') else ''}"
+        lines.append(f"{name:<40}{m.get('type', '-')!s:<11}{m.get('device', '-')!s:<8}"
+                     f"{m.get('recipe', '-')!s:<10}{m.get('checkpoint') or '-'}")
+    return "\n".join(lines)
 
 
 def stop() -> int:
@@ -188,14 +214,37 @@ def _alive(processes: list) -> list:
 # -- list / pull / delete ---------------------------------------------------------------------
 
 
-def format_model_table(entries: list[dict]) -> str:
-    """C++ list table (tray_app.cpp L827-843): id padded to 40 (never cut), Yes/No padded to 12, recipe."""
-    lines = [f"{'Model Name':<40}{'Downloaded':<12}Details", RULE]
+def format_model_table(entries: list[dict], sizes: dict[str, str] | None = None) -> str:
+    """C++ list table (tray_app.cpp L827-843): id padded to 40 (never cut), Yes/No padded to 12, recipe.
+    With `sizes` (`lemonade list`) a `Size (GB)` column comes before the recipe, as HEAD's list."""
+    size_head = f"{'Size (GB)':<11}" if sizes is not None else ""
+    lines = [f"{'Model Name':<40}{'Downloaded':<12}{size_head}Details", RULE]
     for entry in entries:
         downloaded = "Yes" if entry.get("downloaded") is True else "No"
-        lines.append(f"{entry.get('id', 'unknown')!s:<40}{downloaded:<12}{entry.get('recipe', '-')!s}")
+        size = f"{sizes.get(str(entry.get('id')), '-'):<11}" if sizes is not None else ""
+        lines.append(f"{entry.get('id', 'unknown')!s:<40}{downloaded:<12}{size}{entry.get('recipe', '-')!s}")
     lines.append(RULE)
     return "\n".join(lines)
+
+
+def model_sizes(entries: list[dict]) -> dict[str, str]:
+    """Size in GB per listed model: the bytes on disk for a downloaded one, else the registry's figure
+    (the download size), else nothing. Read from this machine's cache and registry; stats files only."""
+    from lemonade.backends import registry
+
+    models = registry.model_manager()
+    known = models.supported_models()
+    sizes = {}
+    for entry in entries:
+        info = known.get(str(entry.get("id")))
+        if info is None:
+            continue
+        on_disk = models.disk_usage(info) if entry.get("downloaded") is True else None
+        if on_disk is not None:
+            sizes[info.name] = f"{on_disk / 1e9:.2f}"
+        elif isinstance(info.size, (int, float)):
+            sizes[info.name] = f"{info.size:.2f}"
+    return sizes
 
 
 def _local_model_entries() -> list[dict]:
@@ -211,8 +260,9 @@ def _target(info: single_instance.ServerInfo) -> tuple[str, int]:
     return info.host, info.port
 
 
-def list_models(config) -> int:
-    """cli.md §6 list: from the discovered server, else computed in this process (same table)."""
+def list_models(config, with_sizes: bool = False) -> int:
+    """cli.md §6 list: from the discovered server, else computed in this process (same table).
+    `with_sizes` (`lemonade`) adds the Size (GB) column; `lemonade-server` keeps C++'s table."""
     from lemonade.error_types import LemonadeError
 
     info = single_instance.find_server()
@@ -225,10 +275,11 @@ def list_models(config) -> int:
             entries = answer["data"]
         else:
             entries = _local_model_entries()
+        sizes = model_sizes(entries) if with_sizes else None
     except (HttpFailure, LemonadeError) as e:
         print(f"Error listing models: {e}", file=sys.stderr)
         return 1
-    print(format_model_table(entries))
+    print(format_model_table(entries, sizes))
     return 0
 
 
@@ -389,16 +440,27 @@ def _take_server_lock(prog: str) -> bool:
     return True
 
 
+def _start_logging(config) -> bool:
+    """The log to stdout, or to `--log-file`; False (after saying why) when that file cannot be opened."""
+    from lemonade.logging_config import configure_logging
+
+    try:
+        configure_logging(config.log_level, config.log_file)
+    except OSError as e:
+        print(f"Error: cannot write the log file {config.log_file}: {e.strerror or e}", file=sys.stderr)
+        print("Error: Failed to start server", file=sys.stderr)
+        return False
+    return True
+
+
 def serve(config, prog: str) -> int:
     """cli.md §6 serve: the persistent server, in this process, until Ctrl+C, SIGTERM or /internal/shutdown."""
-    from lemonade.logging_config import configure_logging
     from lemonade.server import run_server
 
     if not _take_server_lock(prog):
         return single_instance.LOCK_EXIT_CODE
-    if not _check_backend(config):
+    if not _check_backend(config) or not _start_logging(config):
         return 1
-    configure_logging(config.log_level)
 
     def ready(port: int, shutdown) -> None:
         print_line("Press Ctrl+C to stop")
@@ -409,18 +471,22 @@ def serve(config, prog: str) -> int:
 def run(config, positionals: list[str], prog: str) -> int:
     """cli.md §6 run: `serve`, then load NAME and show the chat (`_show_chat`). The name is checked
     before anything starts (C++ starts the server first). Blocks until the server stops; returns the
-    exit code (1 when the load fails, after the server has shut down)."""
-    from lemonade.logging_config import configure_logging
+    exit code (1 when the load fails, after the server has shut down).
+
+    With a server already running, NAME is loaded on it and the chat shown, and the command returns
+    (the help's "starts server if needed"; C++ B refuses with its single-instance error instead)."""
     from lemonade.server import run_server
 
     if not positionals:
         return _usage_error(prog, RUN_USAGE)
     model = positionals[0]
+    running = single_instance.find_server()
+    if running is not None:
+        return _run_on_running_server(running, model)
     if not _take_server_lock(prog):
         return single_instance.LOCK_EXIT_CODE
-    if not _check_backend(config):
+    if not _check_backend(config) or not _start_logging(config):
         return 1
-    configure_logging(config.log_level)
     outcome = {"code": 0}
 
     def after_start(port: int, shutdown) -> None:
@@ -440,14 +506,31 @@ def run(config, positionals: list[str], prog: str) -> int:
     return outcome["code"] or code
 
 
-def _show_chat(url: str) -> None:
+def _run_on_running_server(info: single_instance.ServerInfo, model: str) -> int:
+    """`run NAME` when a server is up: load NAME there (a download included, hence the pull timeout),
+    then show the chat. Blocks for the load; exit code 0, or 1 when the server refuses."""
+    print(f"Running model: {model}")
+    print(f"Using the server already running on port {info.port}")
+    print(f"Loading model {model}...", flush=True)
+    try:
+        request(*_target(info), "POST", "/api/v1/load", {"model_name": model}, timeout=PULL_TIMEOUT)
+    except HttpFailure as e:
+        print(f"Exception loading model: {e}\nFailed to load model", file=sys.stderr)
+        return 1
+    print("Model loaded successfully!", flush=True)
+    _show_chat(f"http://{info.host or 'localhost'}:{info.port}/?model={model}#llm-chat", background=False)
+    return 0
+
+
+def _show_chat(url: str, background: bool = True) -> None:
     """Open the chat page in a browser, or print its URL and say on stderr why no browser was started.
 
     Streams as in C++ (tray_app.cpp L1022-1031, cli.md §6 run): the user's lines on stdout, and on stderr
     the one line a failed browser start gives there (C++: `sh: 1: xdg-open: not found` on a headless
     machine). That line comes once the model is loaded, so a parent that reads stderr line by line while
     it waits for the model (upstream test/server_cli.py test_003) is released as C++ releases it.
-    Never blocks: a browser is started from a daemon thread, as C++ backgrounds xdg-open with `&`."""
+    Never blocks when `background`: a browser is started from a daemon thread, as C++ backgrounds
+    xdg-open with `&`; otherwise (the process is about to exit) it waits for the browser command."""
     import threading
 
     from lemonade.utils import path_utils
@@ -458,7 +541,10 @@ def _show_chat(url: str) -> None:
         reason = "no display (DISPLAY and WAYLAND_DISPLAY are unset)"
     else:
         print_line(f"Opening browser: {url}")
-        threading.Thread(target=_open_browser, args=(url,), name="browser", daemon=True).start()
+        if background:
+            threading.Thread(target=_open_browser, args=(url,), name="browser", daemon=True).start()
+        else:
+            _open_browser(url)
         return
     print_line(f"Open the chat in a browser: {url}")
     print_line(f"{NO_BROWSER_NOTE}{reason}", file=sys.stderr)

@@ -65,11 +65,14 @@ def run_server(config, on_ready=None, persistent: bool = False) -> int:
         single_instance.release(single_instance.ROUTER)
 
 
-def _attach_log_file() -> None:
+def _attach_log_file(config) -> None:
     """Also write the log to `server_log_path()`, truncated at start (C++ `lemonade-server` sends the
-    router's output there), so `/logs/stream` has a file to tail whoever started the server."""
+    router's output there), so `/logs/stream` has a file to tail whoever started the server. With
+    `--log-file` the log already goes to that file, which `/logs/stream` tails instead."""
     from lemonade.utils import path_utils
 
+    if config.log_file:
+        return
     path = path_utils.server_log_path()
     try:
         handler = logging.FileHandler(path, mode="w", encoding="utf-8")
@@ -92,7 +95,7 @@ def _serve(config, on_ready, persistent: bool) -> int:
     from lemonade.server.httpd import CLIENT_IDLE_TIMEOUT, LemonadeHTTPServer, serve_forever_in_thread
     from lemonade.utils import path_utils
 
-    _attach_log_file()
+    _attach_log_file(config)
     models = registry.model_manager()
     try:
         models.supported_models()
