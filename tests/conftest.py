@@ -24,6 +24,22 @@ DEFAULT_MODEL = "Gemma-3-270m-GGUF"
 START_DEADLINE = 120.0
 
 
+def _plugin_autoloaded() -> bool:
+    """Whether pytest loads lemonade's own plugin (`lemonade_url`) by itself: lemonade installed with
+    its `pytest11` entry point, and plugin autoloading on. Otherwise (an install older than the entry
+    point, or PYTEST_DISABLE_PLUGIN_AUTOLOAD) this conftest loads it; loading it twice is an error."""
+    from importlib.metadata import entry_points
+
+    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
+        return False
+    found = entry_points()
+    group = found.select(group="pytest11") if hasattr(found, "select") else found.get("pytest11", [])
+    return any(ep.value == "lemonade.pytest_plugin" for ep in group)
+
+
+pytest_plugins = [] if _plugin_autoloaded() else ["lemonade.pytest_plugin"]
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
     """Poll `predicate` until it returns a truthy value; fail the test at the deadline."""
     deadline = time.monotonic() + timeout
@@ -95,6 +111,12 @@ def make_env(tmp_path: Path, seeded_hub_cache: Path) -> dict[str, str]:
 @pytest.fixture()
 def lemonade_env(tmp_path, seeded_hub_cache) -> dict[str, str]:
     return make_env(tmp_path, seeded_hub_cache)
+
+
+@pytest.fixture(scope="session")
+def lemonade_server_env(tmp_path_factory, seeded_hub_cache) -> dict[str, str]:
+    """The environment of the plugin's session server (`lemonade_url`): a private HF cache, offline."""
+    return make_env(tmp_path_factory.mktemp("plugin-server"), seeded_hub_cache)
 
 
 @dataclass
