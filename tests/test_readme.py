@@ -190,3 +190,13 @@ def test_pytest_example(tmp_path, lemonade_server_env):
     done, _ = run_project(tmp_path, lemonade_server_env, source=block("pytest-example"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 passed" in done.stdout
+
+
+def test_the_files_the_blocks_leave_are_ignored_by_git():
+    """Run in a checkout, the blocks leave `lemonade-serve.log` (try-it) and `.venv/` (venv) behind;
+    the README says git ignores them."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("lemonade-serve.log", ".venv/bin/python"):
+        done = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, timeout=30)
+        assert done.returncode == 0, f"{path} is not ignored by git"
