@@ -16,6 +16,7 @@ one-model behaviour for chat models) and an optional idle timeout.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -157,12 +158,14 @@ class Router:
 
     # -- load and use ------------------------------------------------------------------------------
 
-    def load(self, name: str, pinned: bool | None = None,
-             progress: Callable | None = None) -> tuple[ModelInfo, bool]:
+    def load(self, name: str, pinned: bool | None = None, progress: Callable | None = None,
+             ctx_size: int | None = None) -> tuple[ModelInfo, bool]:
         """Load `name` unless it is loaded; returns (info, was_already_loaded). `pinned` sets the pin
-        (None keeps it). Blocks for a download and a start. Raises ModelNotFoundError,
-        SlotsPinnedError, ModelBusyError, download and start errors."""
-        slot, already = self._acquire(name, progress, for_request=False, pinned=pinned)
+        (None keeps it). `ctx_size` overrides the server's context size for this load only; a model
+        already loaded keeps the one it has (HEAD's auto-load, spec head §5). Blocks for a download
+        and a start. Raises ModelNotFoundError, SlotsPinnedError, ModelBusyError, download and start
+        errors."""
+        slot, already = self._acquire(name, progress, for_request=False, pinned=pinned, ctx_size=ctx_size)
         return slot.info, already
 
     def forward(self, name: str | None, call: BackendCall, sink: ReplySink,
@@ -187,7 +190,7 @@ class Router:
                 self._table.notify_all()
 
     def _acquire(self, name: str, progress: Callable | None, for_request: bool, stream: bool = False,
-                 pinned: bool | None = None) -> tuple[Slot, bool]:
+                 pinned: bool | None = None, ctx_size: int | None = None) -> tuple[Slot, bool]:
         """The ready slot of `name`, counted as in use when `for_request`; (slot, was_loaded)."""
         slot = self._take_if_ready(name, for_request, stream, pinned)
         if slot is not None:
@@ -196,7 +199,7 @@ class Router:
             slot = self._take_if_ready(name, for_request, stream, pinned)  # loaded by another meanwhile
             if slot is not None:
                 return slot, True
-            slot = self._load(name, progress, pinned)
+            slot = self._load(name, progress, pinned, ctx_size)
             with self._table:
                 if self._slots.get(name) is not slot:  # unloaded the moment it became ready
                     raise ProcessError(f"Model {name} was unloaded while it loaded")
@@ -226,7 +229,7 @@ class Router:
         with self._table:
             return self._load_locks.setdefault(name, threading.Lock())
 
-    def _load(self, name: str, progress: Callable | None, pinned: bool | None) -> Slot:
+    def _load(self, name: str, progress: Callable | None, pinned: bool | None, ctx_size: int | None) -> Slot:
         """Download if needed, make room, start. Runs under `name`'s load lock only."""
         info = self.models.get_model(name)
         self._drop_dead(name)
@@ -237,7 +240,8 @@ class Router:
             files = self.models.model_files(info)
             if files is None:
                 raise ProcessError(f"Model {name} was pulled but its files are not complete in the cache")
-        backend = self.recipes(info.recipe).make_backend(info, files, self.options)
+        options = self.options if ctx_size is None else dataclasses.replace(self.options, ctx_size=ctx_size)
+        backend = self.recipes(info.recipe).make_backend(info, files, options)
         slot = Slot(info, backend, pinned=bool(pinned))
         self._make_room(slot)
         log.info("Loading model %s (%s)", name, info.checkpoint)
