@@ -9,7 +9,8 @@ import pytest
 
 from lemonade.backends import llamacpp_server
 from lemonade.backends.llamacpp_server import LlamaCppOptions, build_argv, split_custom_args
-from lemonade.error_types import InstallationError, InvalidRequestError
+from lemonade.error_types import (InstallationError, InvalidRequestError, ModelNotFoundError, NetworkError,
+                                  NoModelError, RequestTooLargeError)
 from lemonade.router import EvictionPlan, SlotView, idle_victims, plan_eviction
 from lemonade.server.routes import ROUTES, Auth, Errors, Head, Route, RouteTable, default_table
 
@@ -42,6 +43,21 @@ def _match(method: str, path: str):
     ("GET", "/static/js/chat.js", ("static", {"path": "js/chat.js"})),
     ("GET", "/v1/models", (None, {})),
     ("POST", "/api/v2/chat/completions", (None, {})),
+    # Ollama: /api/ only, DELETE for delete, no 405 rows, 501 stubs (HEAD S/ollama_api.cpp:156-223)
+    ("POST", "/api/chat", ("ollama_chat", {})),
+    ("GET", "/api/chat", (None, {})),
+    ("DELETE", "/api/delete", ("ollama_delete", {})),
+    ("POST", "/api/delete", (None, {})),
+    ("GET", "/api/tags", ("ollama_tags", {})),
+    ("HEAD", "/api/ps", ("ollama_ps", {})),
+    ("POST", "/api/blobs/sha256:abc", ("ollama_not_supported", {"digest": "sha256:abc"})),
+    ("POST", "/api/v1/chat", (None, {})),
+    # Anthropic: HEAD's /v1/messages, and ours under /api/v1 and count_tokens
+    ("POST", "/v1/messages", ("anthropic_messages", {})),
+    ("POST", "/api/v1/messages", ("anthropic_messages", {})),
+    ("POST", "/api/v1/messages/count_tokens", ("anthropic_count_tokens", {})),
+    ("POST", "/api/v0/messages", (None, {})),
+    ("DELETE", "/v1/messages", (None, {})),
 ])
 def test_route_table_matches(method, path, expected):
     assert _match(method, path) == expected
@@ -56,8 +72,64 @@ def test_route_rows_carry_every_attribute():
     assert route.reads_body and route.errors is Errors.OPENAI
     assert TABLE.match("POST", "/internal/shutdown")[0].auth is Auth.ADMIN
     assert TABLE.match("GET", "/static/x.css")[0].auth is Auth.PUBLIC
-    # every POST route reads its body: none is silently drained
-    assert all(r.reads_body for r in ROUTES if r.method == "POST")
+    # every POST and DELETE route reads its body, but the 501 stubs: none is silently drained
+    assert all(r.reads_body for r in ROUTES if r.method in ("POST", "DELETE") and r.handler != "ollama_not_supported")
+    assert {r.errors for r in ROUTES if r.handler.startswith("ollama_")} == {Errors.OLLAMA}
+    assert {r.errors for r in ROUTES if r.handler.startswith("anthropic_")} == {Errors.ANTHROPIC}
+    assert {r.auth for r in ROUTES if r.handler.startswith(("ollama_", "anthropic_"))} == {Auth.API}
+
+
+def test_every_route_has_its_handler():
+    from lemonade.server.handlers import Api
+
+    assert all(hasattr(Api, r.handler) for r in ROUTES if r.handler != "method_not_allowed")
+
+
+@pytest.mark.parametrize("style,error,expected", [
+    ("ollama", RequestTooLargeError("too big"), (413, {"error": "too big"})),
+    ("ollama", InvalidRequestError("model is required"), (400, {"error": "model is required"})),
+    ("ollama", ModelNotFoundError("x"), (404, {"error": "Model not found: x"})),
+    ("anthropic", RequestTooLargeError("too big"),
+     (413, {"type": "error", "error": {"type": "request_too_large", "message": "too big"}})),
+    ("anthropic", InvalidRequestError("bad"),
+     (400, {"type": "error", "error": {"type": "invalid_request_error", "message": "bad"}})),
+    ("anthropic", NetworkError("down"),
+     (502, {"type": "error", "error": {"type": "api_error", "message": "Network error: down"}})),
+    ("anthropic", NoModelError(),  # a string-bodied error keeps the dialect's shape here
+     (400, {"type": "error", "error": {"type": "invalid_request_error",
+                                       "message": "No model loaded and no model specified in request"}})),
+])
+def test_dialect_routes_render_every_error_in_their_shape(style, error, expected):
+    import lemonade.server.dialect_common  # noqa: F401  (registers the renderers)
+    from lemonade.error_types import render
+
+    assert render(error, style, "/api/chat") == expected
+
+
+@pytest.mark.parametrize("body,expected", [
+    ({}, None), ({"options": {"num_ctx": 1024}}, 1024), ({"options": {"num_ctx": 1024}, "ctx_size": 512}, 512),
+    ({"options": {"num_ctx": -1}}, None), ({"ctx_size": 0}, 0), ({"options": {"num_ctx": -2}}, InvalidRequestError),
+    ({"options": {"num_ctx": "8k"}}, InvalidRequestError), ({"options": {"num_ctx": 1.5}}, InvalidRequestError),
+    ({"options": []}, InvalidRequestError),
+])
+def test_requested_ctx_size(body, expected):
+    from lemonade.server.dialect_common import requested_ctx_size
+
+    if expected is InvalidRequestError:
+        with pytest.raises(InvalidRequestError):
+            requested_ctx_size(body)
+    else:
+        assert requested_ctx_size(body) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("plain", "plain"), ("a | b", "a | b"), ("role 'x\r\nSet-Cookie: y'", "role 'x\\r\\nSet-Cookie: y'"),
+    ("caf\u00e9 \U0001f34b", "caf\\u00e9 \\ud83c\\udf4b"),
+])
+def test_header_value_is_one_ascii_line(text, expected):
+    from lemonade.server.dialect_common import header_value
+
+    assert header_value(text) == expected and header_value(text).isascii()
 
 
 def test_route_table_refuses_duplicates():

@@ -13,7 +13,9 @@ from typing import Any
 from lemonade import __version__, streaming_proxy
 from lemonade.error_types import (InvalidRequestError, LemonadeError, ModelNotFoundError,
                                   ModelNotLoadedError, ModelNotLoadedNamedError, simple_error_body)
+from lemonade.server.anthropic_routes import AnthropicRoutes
 from lemonade.server.json_body import apply_no_think, optional_field, parse_json_object
+from lemonade.server.ollama_routes import OllamaRoutes
 from lemonade.utils.json_utils import dumps
 from lemonade.wrapped_server import BackendCall, StartProgress
 
@@ -23,7 +25,10 @@ MODEL_CREATED = 1234567890  # the constant `created` of C++ model entries (§4.2
 SHUTDOWN_DELAY = 0.1  # C++ answers, then stops 100 ms later (§4.19)
 
 
-class Api:
+class Api(OllamaRoutes, AnthropicRoutes):
+    """Every route's handler (`routes.ROUTES` names them); the Ollama and Anthropic ones come from
+    their mixins."""
+
     def __init__(self, router, models, config, on_shutdown):
         self.router = router
         self.manager = models
