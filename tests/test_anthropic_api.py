@@ -2,7 +2,7 @@
 client and raw sockets, with the real llama-server and the embedded gemma GGUF behind it.
 
 One server for the module; `user.GemmaTiny` is the same GGUF, loaded with a 256-token context asked for
-in the request (`ctx_size`) to provoke a context overflow. A second server runs llama-server with a
+in the request (`ctx_size`) to provoke a context overflow, then pinned to fill the chat pool. A second server runs llama-server with a
 tool-calling chat template (`tests/data/tool_call_template.jinja`), under which the base model's
 answers to a forced tool choice parse into real tool calls, to check tool use end to end.
 """
@@ -163,6 +163,22 @@ def test_context_overflow_in_a_small_context(server, client):
         assert "exceeds the available context size" in caught.value.body["error"]["message"]
     argv = backend_cmdline(server, TINY)
     assert argv[argv.index("--ctx-size") + 1] == "256"
+
+
+def test_a_pinned_pool_is_a_residency_conflict(server, client):
+    """Every loaded chat model pinned: a request for another one cannot load (409, HEAD's residency
+    body in both dialects; HEAD itself answers 404 "not found" here)."""
+    message = "All loaded models of type standard/llm are pinned. Unload a model first."
+    requests.post(server.url + "/api/v1/load", json={"model_name": TINY, "pinned": True}, timeout=TIMEOUT)
+    try:
+        with pytest.raises(anthropic.ConflictError) as caught:
+            client.messages.create(model=DEFAULT_MODEL, max_tokens=2, messages=LEMON)
+        assert caught.value.body == {"type": "error", "error": {"type": "router_residency_conflict", "message": message}}
+        reply = post(server, "/api/chat", {"model": DEFAULT_MODEL, "messages": LEMON})
+        assert reply.status_code == 409 and reply.json() == {"error": message, "type": "router_residency_conflict",
+                                                             "code": "router_residency_conflict"}
+    finally:
+        requests.post(server.url + "/internal/pin", json={"model_name": TINY, "pinned": False}, timeout=TIMEOUT)
 
 
 def test_client_leaving_mid_stream_cancels_generation(server):

@@ -15,8 +15,7 @@ from typing import Any, Callable, Protocol
 from lemonade import error_types
 from lemonade.anthropic_api import errors as anthropic_errors
 from lemonade.dialects import load_options
-from lemonade.error_types import (InvalidRequestError, LemonadeError, ModelBusyError, ModelNotFoundError,
-                                  SlotsPinnedError)
+from lemonade.error_types import InvalidRequestError, LemonadeError, ModelNotFoundError, SlotsPinnedError
 from lemonade.ollama_api import errors as ollama_errors
 from lemonade.server.routes import Errors
 from lemonade.sse import FrameReader
@@ -60,16 +59,17 @@ def auto_load(h, router, model: str, body: dict[str, Any], not_found: Callable[[
     """HEAD's auto-load before a dialect request (spec head §5): a loaded model is used as it is (a
     requested context size is ignored, logged at debug); else the model is downloaded if needed and
     loaded with the one option `ctx_size`. Blocks for that. Returns False when it has answered the
-    request itself: `not_found()` for a model that is not registered, `conflict(message)` when no slot
-    can be made (every model of the type pinned, or busy too long). Other load failures propagate with
-    their own status and reason (HEAD answers 404 "not found" for every reason)."""
+    request itself: `not_found()` for a model that is not registered, `conflict(message)` when every
+    loaded model of its type is pinned. Other load failures propagate with their own status and reason
+    (HEAD answers 404 "not found" for every reason), e.g. ModelBusyError's 503 when the models that
+    would give way stayed busy."""
     ctx = requested_ctx_size(body)
     try:
         _, already = router.load(model, ctx_size=ctx, progress=_log_progress)
     except ModelNotFoundError:
         h.send_json(*not_found())
         return False
-    except (SlotsPinnedError, ModelBusyError) as e:
+    except SlotsPinnedError as e:
         h.send_json(*conflict(e.message))
         return False
     if already and ctx is not None:
