@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -26,11 +25,9 @@ from api_support import running_server
 from conftest import DEFAULT_MODEL, free_port, wait_for
 
 selenium = pytest.importorskip("selenium")
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
-from test_webui import (CHAT_TIMEOUT, CHROMEDRIVER, CHROMIUM, CHROMIUM_FLAGS, configure_short_answers,  # noqa: E402
+from test_webui import (CHAT_TIMEOUT, CHROMEDRIVER, CHROMIUM, chromium, configure_short_answers,  # noqa: E402
                         console_errors, finished_state, last_assistant, wait)
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.skipif(
@@ -42,18 +39,8 @@ ATTACK_TIMEOUT = 30
 
 @pytest.fixture(scope="module")
 def browser():
-    profile = tempfile.mkdtemp(prefix="webui-security-")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS:
-        opts.add_argument(flag)
-    opts.add_argument("--user-data-dir=" + profile)
-    opts.add_argument("--host-resolver-rules=MAP evil.test 127.0.0.1")
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    with chromium("--host-resolver-rules=MAP evil.test 127.0.0.1") as driver:
+        yield driver
 
 
 @pytest.fixture(scope="module")
