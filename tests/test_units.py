@@ -41,7 +41,14 @@ def _match(method: str, path: str):
     ("GET", "/", ("root", {})),
     ("GET", "/live", ("live", {})),
     ("GET", "/static/js/chat.js", ("static", {"path": "js/chat.js"})),
-    ("GET", "/v1/models", (None, {})),
+    ("GET", "/v1/models", ("models", {})),
+    ("GET", "/v0/models/x", ("model_by_id", {"id": "x"})),
+    ("POST", "/v1/chat/completions", ("chat_completions", {})),
+    ("GET", "/v1/load", ("method_not_allowed", {})),
+    ("POST", "/v1/test", (None, {})),
+    ("GET", "/metrics", ("metrics", {})),
+    ("HEAD", "/metrics", ("metrics", {})),
+    ("GET", "/v1/metrics", (None, {})),
     ("POST", "/api/v2/chat/completions", (None, {})),
     # Ollama: /api/ only, DELETE for delete, no 405 rows, 501 stubs (HEAD S/ollama_api.cpp:156-223)
     ("POST", "/api/chat", ("ollama_chat", {})),
@@ -177,16 +184,16 @@ def test_idle_victims_table(slots, now, ttl, expected):
     assert idle_victims(slots, now, ttl) == expected
 
 
-def test_argv_exactly_as_cpp_b():
+def test_argv_as_cpp_b_with_heads_metrics():
     argv = build_argv("/bin/llama-server", "/m.gguf", 8001, LlamaCppOptions(), [])
     assert argv == ["/bin/llama-server", "-m", "/m.gguf", "--ctx-size", "4096", "--port", "8001", "--jinja",
-                    "--context-shift", "--keep", "16", "--reasoning-format", "auto", "-ngl", "99"]
+                    "--metrics", "--context-shift", "--keep", "16", "--reasoning-format", "auto", "-ngl", "99"]
 
 
 def test_argv_embeddings_reranking_mmproj_metal_custom():
     options = LlamaCppOptions(ctx_size=2048, backend="metal", custom_args="--threads 2 -c 100")
     argv = build_argv("ls", "/m.gguf", 8002, options, ["embeddings", "reranking"], mmproj="/p.gguf")
-    assert argv == ["ls", "-m", "/m.gguf", "--ctx-size", "8192", "--port", "8002", "--jinja",
+    assert argv == ["ls", "-m", "/m.gguf", "--ctx-size", "8192", "--port", "8002", "--jinja", "--metrics",
                     "--mmproj", "/p.gguf", "--keep", "16", "--reasoning-format", "auto",
                     "--embeddings", "--batch-size", "8192", "--ubatch-size", "8192", "--reranking",
                     "-ngl", "99", "--threads", "2", "-c", "100"]
@@ -202,7 +209,7 @@ def test_custom_args_conflict_message():
         build_argv("x", "m", 1, LlamaCppOptions(custom_args="--port=9 --foo"), [])
     assert err.value.message == (
         "Invalid custom llama-server arguments:\nArgument '--port' is managed by Lemonade and cannot be "
-        "overridden.\nReserved arguments: --context-shift, --ctx-size, --jinja, --keep, --port, "
+        "overridden.\nReserved arguments: --context-shift, --ctx-size, --jinja, --keep, --metrics, --port, "
         "--reasoning-format, -m, -ngl")
 
 

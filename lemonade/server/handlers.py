@@ -35,6 +35,9 @@ class Api(OllamaRoutes, AnthropicRoutes):
         self.config = config
         self.on_shutdown = on_shutdown
         self.requested_log_level = config.log_level  # C++ stores it and nothing reads it (§4.17)
+        from lemonade.server.metrics import BackendScraper
+
+        self.scraper = BackendScraper()  # llama-server /metrics, cached per backend
 
     # -- status ------------------------------------------------------------------------------------
 
@@ -55,6 +58,18 @@ class Api(OllamaRoutes, AnthropicRoutes):
             "status": "ok",
             "version": __version__,
         })
+
+    def metrics(self, h) -> None:
+        """Prometheus text (HEAD §7.6). Blocks for at most one scrape of each loaded llama-server."""
+        from lemonade.server import metrics
+
+        usage = self.router.usage()
+        texts = {m.info.name: self.scraper.text(m.backend.base_url())
+                 for m in usage.loaded if m.backend.exposes_metrics}
+        limit = self.router.limits.max_loaded
+        page = metrics.render(usage, __version__, {kind: limit for kind in MODEL_TYPES}, texts,
+                              metrics.system_gauges())
+        h.send_bytes(200, page.encode("utf-8"), metrics.CONTENT_TYPE)
 
     def live(self, h) -> None:
         """Liveness only: touches neither models nor the router (HEAD §7.7)."""

@@ -33,6 +33,8 @@ DISCARD_LIMIT = 1024 * 1024  # unread bodies up to this size are drained to keep
 # Methods cpp-httplib parses (httplib.h `parse_request_line`) but for which no route exists: 404.
 # Any other method is a malformed request line for httplib: 400 (http.server would say 501).
 KNOWN_METHODS_WITHOUT_ROUTES = ("PUT", "DELETE", "PATCH", "CONNECT", "TRACE")
+# GA's CORS headers: what an answer carries unless a hook (`security.origin_hook`) set the request's own
+# (`Handler.cors_headers`), e.g. an allowed `Origin` echoed back.
 CORS_HEADERS = (
     ("Access-Control-Allow-Origin", "*"),
     ("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS"),
@@ -171,6 +173,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "lemonade"
     sys_version = ""
+    cors_headers: tuple = CORS_HEADERS  # per request; hooks replace it (see CORS_HEADERS)
     timeout = CLIENT_IDLE_TIMEOUT
 
     def setup(self) -> None:
@@ -184,6 +187,7 @@ class Handler(BaseHTTPRequestHandler):
         """Check the request line and read the header fields (replaces http.server's, whose header
         parsing went through `email`). On failure the error answer is sent and False returned."""
         self.command = None
+        self.cors_headers = CORS_HEADERS  # nothing of the previous request on this connection carries over
         self.request_version = self.default_request_version
         self.close_connection = True
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
@@ -377,7 +381,7 @@ class Handler(BaseHTTPRequestHandler):
         lines = [f"{self.protocol_version} {status} {self.responses.get(status, ('',))[0]}"]
         if content_type:
             lines.append(f"Content-Type: {content_type}")
-        lines += [f"{k}: {v}" for k, v in CORS_HEADERS + tuple(headers)]
+        lines += [f"{k}: {v}" for k, v in self.cors_headers + tuple(headers)]
         lines.append(f"Content-Length: {len(body)}")
         if getattr(self, "body_pending", False):
             self.close_connection = True  # the unread body would be parsed as the next request
@@ -415,7 +419,7 @@ class Handler(BaseHTTPRequestHandler):
         (`write_chunk`, `end_chunks`): SSE, or the NDJSON of the Ollama dialect. Raises
         ClientDisconnected; for HEAD the headers are the whole answer: raises ResponseComplete."""
         lines = [f"{self.protocol_version} 200 OK", f"Content-Type: {content_type}"]
-        lines += [f"{k}: {v}" for k, v in STREAM_HEADERS + CORS_HEADERS + tuple(extra_headers)]
+        lines += [f"{k}: {v}" for k, v in STREAM_HEADERS + self.cors_headers + tuple(extra_headers)]
         try:
             self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         except OSError as e:

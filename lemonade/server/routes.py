@@ -55,7 +55,8 @@ class Route:
         return self.path[:self.path.rindex("{")] if self.param else self.path
 
 
-API_PREFIXES = ("/api/v0/", "/api/v1/")
+# GA's two prefixes, then HEAD's two (head-llm-surface.md §7.1: every OpenAI and Lemonade endpoint under all four).
+API_PREFIXES = ("/api/v0/", "/api/v1/", "/v0/", "/v1/")
 METHOD_NOT_ALLOWED = "method_not_allowed"
 
 
@@ -125,6 +126,7 @@ ROUTES: list[Route] = [
     Route("POST", "/internal/shutdown", "shutdown", reads_body=True, auth=Auth.ADMIN),
     Route("POST", "/internal/pin", "pin", reads_body=True, auth=Auth.ADMIN),
     Route("GET", "/live", "live", auth=Auth.PUBLIC),
+    Route("GET", "/metrics", "metrics"),  # HEAD §7.6: root only, the API key when one is set
     Route("GET", "/", "root", auth=Auth.PUBLIC),
     Route("GET", "/webapp.html", "webapp", auth=Auth.PUBLIC),
     Route("GET", "/static/{path}", "static", auth=Auth.PUBLIC),
