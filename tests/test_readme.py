@@ -7,7 +7,8 @@ the README itself, so the README and the test cannot drift, and a new block with
 The command blocks use port 8000, as a reader would, so they run in a private network namespace
 (`tests/netns.py`: its own loopback, so port 8000 is free whatever else runs on this machine). They run
 one after the other, as a reader pastes them: `try-it` starts the server that `status`, `real-model`,
-`local-gguf` and `several-models` use. The Hugging Face hub of `real-model` is the loopback hub
+`local-gguf`, `several-models` (which restarts it with a limit of two) and the Ollama and Anthropic
+client examples use; `security-key` restarts it with an API key. The Hugging Face hub of `real-model` is the loopback hub
 (`tests/hfhub.py`) started inside the namespace, serving `unsloth/Qwen3-0.6B-GGUF` with the embedded
 gemma GGUF's bytes under the name `Qwen3-0.6B-Q4_K_M.gguf` (no network here). Blocks that install
 packages, need a GPU or a C++ build are reported as skipped with the marker's reason.
@@ -77,7 +78,8 @@ def block(kind: str) -> str:
     return found
 
 
-RUN_KINDS = ("venv", "try-it", "status", "real-model", "local-gguf", "several-models", "pytest-example")
+RUN_KINDS = ("venv", "try-it", "status", "real-model", "local-gguf", "several-models", "ollama-client",
+             "anthropic-client", "security-key", "pytest-example")
 
 
 def test_every_command_block_is_marked():
@@ -119,7 +121,15 @@ def first_json(output: str, start: str) -> dict:
 
 
 def run_block(host, kind: str, cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return host.run(["bash", "-c", block(kind)], cwd=cwd, env=env, timeout=timeout, check=False)
+    """Run one README block in the namespace, as a reader would paste it. Its output goes to files, not
+    pipes: a server a block starts in the background keeps the block's stdout open for its whole life."""
+    (found,) = [b for b in readme_blocks() if b.kind == kind]
+    argv = ["python", "-c", found.text] if found.language == "python" else ["bash", "-c", found.text]
+    out, err = cwd / f"{kind}.out", cwd / f"{kind}.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        code = host.run(argv, cwd=cwd, env=env, timeout=timeout, check=False, capture_output=False,
+                        stdout=stdout, stderr=stderr).returncode
+    return subprocess.CompletedProcess(argv, code, out.read_text(), err.read_text())
 
 
 def test_command_blocks_in_order(network, tmp_path, seeded_hub_cache, llama_server_bin):
@@ -165,6 +175,24 @@ def test_command_blocks_in_order(network, tmp_path, seeded_hub_cache, llama_serv
     health = first_json(done.stdout, '{"all_models_loaded"')  # curl prints it with no newline
     assert health["max_models"]["llm"] == 2 and health["all_models_loaded"][0]["pinned"] is True
     assert done.stdout.rstrip().endswith("Model unloaded: Gemma-3-270m-GGUF")
+
+    done = run_block(host, "ollama-client", work, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("['Gemma-3-270m-GGUF:latest'")
+
+    done = run_block(host, "anthropic-client", work, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "input_tokens=" in done.stdout
+
+    done = run_block(host, "security-key", work, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Lemonade Server stopped successfully." in done.stdout  # the unkeyed server made way
+    listed = first_json(done.stdout, '{"data"')
+    assert DEFAULT_MODEL in {m["id"] for m in listed["data"]}  # /v1/models with the key
+    assert "lemonade_" in done.stdout  # /metrics with the key
+    assert "SyncPage[Model]" in done.stdout  # the openai client with the key
+    refused = host.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "localhost:8000/v1/models"], env=env)
+    assert refused.stdout == "401"  # the key is really required
 
     stop = host.run(["lemonade", "stop"], env=env, check=False)
     assert "Lemonade Server stopped successfully." in stop.stdout
