@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 import pytest
 
@@ -89,6 +89,8 @@ class LemonadeServer:
     def start(self) -> str:
         """Start the server and wait until /live answers; returns the base URL. Raises
         pytest.fail.Exception with the log's last lines when it exits or stays silent."""
+        from lemonade.utils import http_client  # here: loading the plugin costs a pytest run nothing
+
         self.runtime.mkdir(parents=True, exist_ok=True)
         env = {**self.env, "LEMONADE_RUNTIME_DIR": str(self.runtime),
                "LEMONADE_CACHE_DIR": str(self.directory / "cache"), "LEMONADE_DISABLE_BROWSER": "1"}
@@ -101,11 +103,11 @@ class LemonadeServer:
             if self.proc.poll() is not None:
                 self._fail(f"lemonade serve exited with code {self.proc.returncode}")
             port = self._published_port()
-            if port and _healthy(port):
+            # /live is public: it answers even when the server requires an API key
+            if port and http_client.is_reachable(f"http://127.0.0.1:{port}/live", 2.0):
                 return f"http://127.0.0.1:{port}/api/v1"
             time.sleep(POLL_INTERVAL)
         self._fail(f"lemonade serve did not answer /live within {START_TIMEOUT:.0f} s")
-        raise AssertionError("unreachable")
 
     def _published_port(self) -> int | None:
         """The port in the PID file (`<pid>\\n<port>\\n<host>\\n`), once this child has written it."""
@@ -117,7 +119,7 @@ class LemonadeServer:
             return int(fields[1])
         return None
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str) -> NoReturn:
         self.stop()
         try:
             tail = self.log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
@@ -137,15 +139,3 @@ class LemonadeServer:
             proc.kill()
             proc.wait()
 
-
-def _healthy(port: int) -> bool:
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2.0)
-    try:
-        conn.request("GET", "/live")  # public: answers even when the server requires an API key
-        return conn.getresponse().status == 200
-    except (OSError, http.client.HTTPException):
-        return False
-    finally:
-        conn.close()
