@@ -279,3 +279,17 @@ def test_list_shows_sizes(env, tmp_path, with_server):
     assert all(re.fullmatch(r"\d+\.\d\d|-", row[1]) for row in rows.values())
     plain = run_cli("lemonade-server", "list", env=env).stdout.splitlines()[0]
     assert plain == f"{'Model Name':<40}{'Downloaded':<12}Details"  # C++'s table, unchanged
+
+
+def test_status_without_the_key_still_answers(env, tmp_path):
+    """`status` reads the PID file and needs no key; the table needs `/health`, which then refuses."""
+    keyed = {**env, "LEMONADE_API_KEY": "status-test-key"}
+    server = start_cli(keyed, tmp_path, "lemonade", "serve")
+    try:
+        result = run_cli("lemonade", "status", env=env)
+        assert (result.returncode, result.stdout) == (0, f"Server is running on port {server.port}\n")
+        assert result.stderr.startswith("Loaded models not shown: Invalid or missing API key")
+        with_key = run_cli("lemonade", "status", env=keyed)
+        assert with_key.stdout.splitlines()[1:] == ["No models loaded."]
+    finally:
+        server.stop()
