@@ -79,6 +79,19 @@ class BackendError(LemonadeError):
     status = 502
 
 
+class RpcWorkerError(BackendError):
+    """A llama.cpp RPC worker a model needs is down, unreachable or busy, or was lost while in use."""
+
+    error_type = "rpc_worker_error"
+
+
+class ConfigurationError(LemonadeError):
+    """A setting the server was given cannot work (e.g. a model's API key variable is not set)."""
+
+    error_type = "configuration_error"
+    status = 500
+
+
 class NetworkError(LemonadeError):
     error_type = "network_error"
     status = 502
