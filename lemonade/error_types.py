@@ -79,6 +79,16 @@ class BackendError(LemonadeError):
     status = 502
 
 
+class UpstreamError(BackendError):
+    """A remote upstream answered with an error: its own status is ours, so a refused key stays a 401."""
+
+    error_type = "upstream_error"
+
+    def __init__(self, message: str, status: int, details: dict[str, Any] | None = None):
+        super().__init__(message, details)
+        self.status = status
+
+
 class RpcWorkerError(BackendError):
     """A llama.cpp RPC worker a model needs is down, unreachable or busy, or was lost while in use."""
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from lemonade.error_types import BackendError, ConfigurationError, InvalidRequestError, LemonadeError, NetworkError
+from lemonade.error_types import (BackendError, ConfigurationError, InvalidRequestError, LemonadeError, NetworkError,
+                                  UpstreamError)
 from lemonade.utils import http_client, path_utils
 from lemonade.wrapped_server import BackendCall, ReplySink, State, Telemetry, WrappedServer
 
@@ -106,8 +107,8 @@ class RemoteServer(WrappedServer):
 
     def ensure_ready(self, progress: Callable | None = None) -> None:
         """Probe the upstream unless a probe already succeeded. Blocks up to about 2 × PROBE_TIMEOUT.
-        Raises ConfigurationError (the key's variable is not set), BackendError (502: unreachable, or
-        the upstream's answer to the probe)."""
+        Raises ConfigurationError (the key's variable is not set), BackendError (502: unreachable),
+        UpstreamError (the upstream answered the probe with an error: its status and message)."""
         with self._cond:
             if self._state is State.READY:
                 return
@@ -161,9 +162,9 @@ class RemoteServer(WrappedServer):
                 return
         message = _message_of(reply.body) or f"HTTP {reply.status}"
         self._note(UpstreamState.ERROR, f"HTTP {reply.status}")
-        raise BackendError(f"Remote upstream {self.upstream} for {self.model_name} answered the probe of "
-                           f"/models with HTTP {reply.status}: {message}",
-                           {"upstream": self.upstream, "status_code": reply.status})
+        raise UpstreamError(f"Remote upstream {self.upstream} for {self.model_name} answered the probe of "
+                            f"/models with HTTP {reply.status}: {message}", reply.status,
+                            {"upstream": self.upstream, "status_code": reply.status})
 
     def _get(self, url: str, headers: dict[str, str] | None) -> http_client.JsonReply:
         try:
