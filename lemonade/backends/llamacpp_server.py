@@ -165,7 +165,8 @@ def split_custom_args(text: str) -> list[str]:
 
 def build_argv(binary: str, gguf: str, port: int, options: LlamaCppOptions, labels: list[str],
                mmproj: str | None = None, chat_template: str | None = None) -> list[str]:
-    """The exact C++ B command line (§8.6). Raises InvalidRequestError on a custom arg that
+    """The exact C++ B command line (§8.6), plus `--rpc` when `options.rpc_workers` names llama.cpp RPC
+    workers (ours; a managed flag then). Raises InvalidRequestError on a custom arg that
     overrides a managed flag (§8.7 message). `chat_template` (ours) is a Jinja file for a GGUF that
     carries none; it goes before the user's `--llamacpp-args`, which can still override it. (A
     built-in template name would not do: after `--jinja`, `--chat-template NAME` is read as Jinja.)"""

@@ -4,7 +4,8 @@ Two kinds of client, by cost:
   * the hot path, a request proxied to a backend child (`post_json`, `post_stream`), uses pooled
     keep-alive connections to 127.0.0.1 and a small HTTP/1.1 client of its own (see "the wire"
     below): `requests` cost about 2.3 ms of CPU per call here, `http.client` 0.7 ms, this one less
-    than half of that (bench/profile_proxy.py, bench/proxy_overhead.py);
+    than half of that (bench/profile_proxy.py, bench/proxy_overhead.py). The same client reaches
+    remote upstreams (another host, http or https, extra headers such as a key; never a proxy);
   * everything else (health probes, downloads) uses one pooled `requests.Session` per origin. Sessions
     for loopback targets ignore `HTTP_PROXY` and friends (`trust_env = False`).
 """
