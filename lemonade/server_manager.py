@@ -26,10 +26,10 @@ LIST_TIMEOUT = 30.0
 STOP_WAIT = 5.0  # C++ terminate wait: 50 polls of 100 ms (tray_app.cpp L1283-1310)
 STOP_POLL = 0.1
 RULE = "-" * 100
-PULL_USAGE = ("pull <model_name> [--checkpoint CHECKPOINT] [--recipe RECIPE] [--reasoning] [--vision] [--mmproj MMPROJ] "
-              "[--base-url URL] [--api-key-env NAME] [--rpc-workers H:P,...|none]")
+PULL_USAGE = "pull <model_name> [--checkpoint CHECKPOINT] [--recipe RECIPE] [--reasoning] [--vision] [--mmproj MMPROJ]"
 PULL_VALUE_OPTIONS = ("--checkpoint", "--recipe", "--mmproj")  # C++'s
-PULL_SETTINGS = {"--base-url": "base_url", "--api-key-env": "api_key_env", "--rpc-workers": "rpc_workers"}  # ours
+# ours (not in the usage line, which is C++'s): a remote upstream's and an RPC model's settings
+PULL_SETTINGS = {"--base-url": "base_url", "--api-key-env": "api_key_env", "--rpc-workers": "rpc_workers"}
 DELETE_USAGE = "delete <model_name>"
 RUN_USAGE = "run <model_name>"
 NO_BROWSER_NOTE = "Not opening a browser: "  # + the reason; stderr, once the model is loaded
