@@ -33,6 +33,7 @@ PULL_SETTINGS = {"--base-url": "base_url", "--api-key-env": "api_key_env", "--rp
 DELETE_USAGE = "delete <model_name>"
 RUN_USAGE = "run <model_name>"
 NO_BROWSER_NOTE = "Not opening a browser: "  # + the reason; stderr, once the model is loaded
+KEY_HINT = "LEMONADE_ADMIN_API_KEY or LEMONADE_API_KEY"  # named in the message of a 401
 
 
 class HttpFailure(Exception):
@@ -63,7 +64,7 @@ def request(host: str, port: int, method: str, path: str, body: dict | None = No
     import urllib.request
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(_url(host, port, path), data=data, method=method,
-                                 headers={"Content-Type": "application/json"} if data else {})
+                                 headers=request_headers(data is not None))
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
     try:
         with opener.open(req, timeout=timeout) as response:
@@ -71,9 +72,24 @@ def request(host: str, port: int, method: str, path: str, body: dict | None = No
                 return _read_events(response, on_event)
             return json.loads(response.read() or b"null")
     except urllib.error.HTTPError as e:
-        raise HttpFailure(_error_message(e.code, e.read())) from None
+        message = _error_message(e.code, e.read())
+        if e.code == 401:
+            message += f" (set {KEY_HINT} to the server's key)"
+        raise HttpFailure(message) from None
     except (urllib.error.URLError, OSError, ValueError):
         raise HttpFailure("HTTP request failed: connection error") from None
+
+
+def request_headers(json_body: bool) -> dict[str, str]:
+    """Content type, and the key as lemonade HEAD's CLI sends it: `Authorization: Bearer`, the admin key
+    when one is set (it opens every route), else the API key (`path_utils.client_api_key`)."""
+    from lemonade.utils import path_utils
+
+    headers = {"Content-Type": "application/json"} if json_body else {}
+    key = path_utils.client_api_key()
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return headers
 
 
 def _read_events(response, on_event) -> Any:
@@ -129,7 +145,9 @@ def stop() -> int:
     survivors at the deadline (C++ `execute_stop_command`, Linux branch). Always exits 0, as C++.
 
     Our server stops its own children on SIGTERM, so only the server is signalled first; its children
-    are remembered beforehand so a force-kill still reaches them after they are reparented."""
+    are remembered beforehand so a force-kill still reaches them after they are reparented. A signal
+    needs no API key: the operating system already limits it to the server's owner, which is the right
+    judge for a local stop (`/internal/shutdown` with the admin key is the way for remote clients)."""
     import psutil
 
     info = single_instance.find_server()

@@ -12,7 +12,8 @@ describe their command line and readiness probe; this class picks the port, spaw
 `process_manager`, waits for health and forwards requests through `http_client`.
 
 `forward(call, sink)` is the one way a request reaches the child, JSON or SSE: it owns the telemetry
-of `/stats` and reports a child that died or hung during the call.
+of `/stats`, returns what the answer reported (the router sums it for `/metrics`) and reports a child
+that died or hung during the call.
 """
 from __future__ import annotations
 
@@ -55,6 +56,62 @@ class StartProgress:
     elapsed: float = 0.0
 
 
+@dataclass(frozen=True)
+class CallFigures:
+    """What one answered request reported in `usage` / `timings`: the feed of `/stats` (`Telemetry`)
+    and of the `/metrics` counters (`Totals`). `prompt_tokens` and `cache_tokens` are None when the
+    answer did not report them."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    time_to_first_token: float = 0.0
+    tokens_per_second: float = 0.0
+    prompt_tokens: int | None = None  # `usage.prompt_tokens`
+    cache_tokens: int | None = None  # llama.cpp `timings.cache_n`: prompt tokens served from its cache
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> "CallFigures":
+        """`usage` first, then llama.cpp's `timings` override; absent fields are 0 (C++ B §6)."""
+        usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+        timings = body.get("timings") if isinstance(body.get("timings"), dict) else {}
+        input_tokens = int(usage.get("prompt_tokens", 0) or 0)
+        output_tokens = int(usage.get("completion_tokens", 0) or 0)
+        ttft = float(usage.get("prefill_duration_ttft", 0.0) or 0.0)
+        tps = float(usage.get("decoding_speed_tps", 0.0) or 0.0)
+        if timings:
+            input_tokens = int(timings.get("prompt_n", input_tokens) or 0)
+            output_tokens = int(timings.get("predicted_n", output_tokens) or 0)
+            ttft = float(timings.get("prompt_ms", 0.0) or 0.0) / 1000.0
+            tps = float(timings.get("predicted_per_second", 0.0) or 0.0)
+        prompt = int(usage["prompt_tokens"] or 0) if "prompt_tokens" in usage else None
+        cache = int(timings["cache_n"] or 0) if "cache_n" in timings else None
+        return cls(input_tokens, output_tokens, ttft, tps, prompt, cache)
+
+
+@dataclass
+class Totals:
+    """Counters since the server started (`/metrics`, HEAD `prometheus_metrics.cpp`): one request per
+    answered call; token sums from the figures the answers reported."""
+
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    cache_tokens: int = 0
+
+    def add(self, figures: CallFigures | None) -> None:
+        """Count one answered request (`figures` None: it reported none, e.g. an embedding)."""
+        self.requests += 1
+        if figures is None:
+            return
+        self.input_tokens += max(figures.input_tokens, 0)
+        self.output_tokens += max(figures.output_tokens, 0)
+        # HEAD counts `usage.prompt_tokens`, else the input tokens (router.cpp 2404-2406)
+        prompt = figures.prompt_tokens if figures.prompt_tokens is not None else figures.input_tokens
+        self.prompt_tokens += max(prompt, 0)
+        self.cache_tokens += max(figures.cache_tokens or 0, 0)
+
+
 @dataclass
 class Telemetry:
     """Figures of the last completed request (http-api §6); reset with every (re)load."""
@@ -72,25 +129,17 @@ class Telemetry:
                 "time_to_first_token": self.time_to_first_token,
                 "tokens_per_second": self.tokens_per_second}
 
-    def update(self, body: dict[str, Any], streaming: bool) -> None:
-        """Take figures from a response body or the last SSE frame with `usage`/`timings`.
-
-        `usage` first, then `timings` (llama.cpp) override; absent fields become 0 (C++ B §6).
-        `prompt_tokens` is only taken from non-streaming responses, as in B.
-        """
-        usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
-        timings = body.get("timings") if isinstance(body.get("timings"), dict) else {}
-        self.input_tokens = int(usage.get("prompt_tokens", 0) or 0)
-        self.output_tokens = int(usage.get("completion_tokens", 0) or 0)
-        self.time_to_first_token = float(usage.get("prefill_duration_ttft", 0.0) or 0.0)
-        self.tokens_per_second = float(usage.get("decoding_speed_tps", 0.0) or 0.0)
-        if timings:
-            self.input_tokens = int(timings.get("prompt_n", self.input_tokens) or 0)
-            self.output_tokens = int(timings.get("predicted_n", self.output_tokens) or 0)
-            self.time_to_first_token = float(timings.get("prompt_ms", 0.0) or 0.0) / 1000.0
-            self.tokens_per_second = float(timings.get("predicted_per_second", 0.0) or 0.0)
-        if not streaming and "prompt_tokens" in usage:
-            self.prompt_tokens = int(usage["prompt_tokens"] or 0)
+    def update(self, body: dict[str, Any], streaming: bool) -> CallFigures:
+        """Take figures from a response body or the last SSE frame with `usage`/`timings`, and return
+        them. `prompt_tokens` is only taken from non-streaming responses, as in B."""
+        figures = CallFigures.from_body(body)
+        self.input_tokens = figures.input_tokens
+        self.output_tokens = figures.output_tokens
+        self.time_to_first_token = figures.time_to_first_token
+        self.tokens_per_second = figures.tokens_per_second
+        if not streaming and figures.prompt_tokens is not None:
+            self.prompt_tokens = figures.prompt_tokens
+        return figures
 
 
 @dataclass
@@ -103,6 +152,13 @@ class BackendCall:
     raw: bytes | None = None
     stream: bool = False
     telemetry: bool = True  # completions update /stats; embeddings and rerank do not (C++ B)
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A call the backend answered in full; `figures` when it reported usage (and keeps telemetry)."""
+
+    figures: CallFigures | None = None
 
 
 class ReplySink(Protocol):
@@ -126,6 +182,7 @@ class WrappedServer:
 
     server_name = "backend"
     health_paths: tuple[str, ...] = ("/health", "/v1/health")
+    exposes_metrics = False  # serves Prometheus text at /metrics (re-exported by our /metrics)
     # Unmetered backends use nothing on this machine (a remote upstream): they never count against a
     # pool of the router and are never evicted (HEAD's cloud models, head-llm-surface.md §3.1).
     unmetered = False
@@ -345,11 +402,13 @@ class WrappedServer:
         rewritten = self.rewrite_request(endpoint, body)
         return raw if raw is not None and rewritten is body else json_utils.dumps(rewritten)
 
-    def forward(self, call: BackendCall, sink: ReplySink) -> None:
+    def forward(self, call: BackendCall, sink: ReplySink) -> Answered | None:
         """Send `call` to the child and deliver the answer to `sink`. Blocks for the whole answer
-        (a stream until it ends). Raises ModelNotLoadedError (not ready), NetworkError or
-        ProcessError (no answer: the child died, or hung and was stopped) before anything reached
-        the sink; once a stream started, failures end it through `sink.stream_end(error)`."""
+        (a stream until it ends). Returns `Answered` when the backend answered 200 in full (with the
+        figures it reported, when the call keeps telemetry), None otherwise. Raises
+        ModelNotLoadedError (not ready), NetworkError or ProcessError (no answer: the child died, or
+        hung and was stopped) before anything reached the sink; once a stream started, failures end
+        it through `sink.stream_end(error)`."""
         if not self.is_ready():
             raise ModelNotLoadedError(self.server_name)
         payload = self.request_payload(call.endpoint, call.body, call.raw)
@@ -361,11 +420,12 @@ class WrappedServer:
                 raise self.failure_error(e) from e
             if reply.status != 200:  # C++ GA wrapped it and answered 200; we keep the status
                 sink.json(reply.status, backend_error_body(self.server_name, reply.status, reply.body))
-                return
+                return None
+            figures = None
             if call.telemetry and isinstance(reply.body, dict):
-                self.telemetry.update(reply.body, streaming=False)
+                figures = self.telemetry.update(reply.body, streaming=False)
             sink.json(200, reply.body)
-            return
+            return Answered(figures)
         try:
             response = http_client.post_stream(url, payload, path_utils.backend_timeout(STREAM_IDLE_TIMEOUT),
                                                headers=headers)
@@ -379,17 +439,18 @@ class WrappedServer:
             finally:
                 response.close()
             sink.json(response.status_code, backend_error_body(self.server_name, response.status_code, detail))
-            return
+            return None
         sink.stream_start()
         result = streaming_proxy.relay(response, sink.stream_chunk)
         if not result.completed:
-            return  # the client left; the upstream request is closed, which stops the generation
-        error = None
+            return None  # the client left; the upstream request is closed, which stops the generation
+        error, figures = None, None
         if result.error is not None:
             error = {"message": self.failure_error(result.error).message, "type": "backend_error"}
         elif call.telemetry and result.last_stats_frame:
-            self.telemetry.update(result.last_stats_frame, streaming=True)
+            figures = self.telemetry.update(result.last_stats_frame, streaming=True)
         sink.stream_end(error)
+        return Answered(figures) if error is None else None
 
     def failure_error(self, error: LemonadeError) -> LemonadeError:
         """The error to report for a call that got no (complete) answer. A failed call to a child

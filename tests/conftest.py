@@ -136,11 +136,14 @@ def start_server(env: dict, tmp_path: Path, *args: str) -> ServerProc:
     log_file.close()
     server = ServerProc(proc, port, log_path, marker=env["HF_HUB_CACHE"])
 
+    key = env.get("LEMONADE_ADMIN_API_KEY") or env.get("LEMONADE_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+
     def healthy() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"lemonade serve exited with {proc.returncode}:\n{server.log_text()}")
         try:
-            return requests.get(server.api + "/health", timeout=1).status_code == 200
+            return requests.get(server.api + "/health", headers=headers, timeout=1).status_code == 200
         except requests.RequestException:
             return False
 

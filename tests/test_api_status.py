@@ -175,7 +175,7 @@ def test_other_methods_are_404(server, method):
         assert_cors(reply.headers)
 
 
-@pytest.mark.parametrize("path", ["/v1/models", "/api/v2/health", "/api/v1/healthz", "/api/v1/",
+@pytest.mark.parametrize("path", ["/v2/models", "/api/v2/health", "/api/v1/healthz", "/api/v1/",
                                   "/api/v1/halt", "/api/v1/logs/ws", "/api/v1/migration/cleanup",
                                   "/internal/shutdown", "/webapp"])
 def test_unknown_routes(server, path):

@@ -139,7 +139,9 @@ def test_a_busy_model_is_not_evicted_while_it_streams(serve):
 
 
 def test_a_load_that_waits_too_long_for_a_busy_model_answers_a_clear_error(serve):
-    server = serve(env_extra={"LEMONADE_BACKEND_TIMEOUT": "3"})
+    # The bound is $LEMONADE_BACKEND_TIMEOUT (also the longest silence allowed inside a stream: not so short
+    # that a busy machine cuts the stream being waited for)
+    server = serve(env_extra={"LEMONADE_BACKEND_TIMEOUT": "8"})
     assert load(server, A).status_code == 200
     events: dict = {}
     reader = threading.Thread(target=_stream, args=(server, A, 3000, events))

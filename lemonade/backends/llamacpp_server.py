@@ -165,14 +165,15 @@ def split_custom_args(text: str) -> list[str]:
 
 def build_argv(binary: str, gguf: str, port: int, options: LlamaCppOptions, labels: list[str],
                mmproj: str | None = None, chat_template: str | None = None) -> list[str]:
-    """The exact C++ B command line (§8.6), plus `--rpc` when `options.rpc_workers` names llama.cpp RPC
-    workers (ours; a managed flag then). Raises InvalidRequestError on a custom arg that
+    """The C++ B command line (§8.6), plus HEAD's `--metrics`, plus `--rpc` when `options.rpc_workers`
+    names llama.cpp RPC workers (ours; a managed flag then). Raises InvalidRequestError on a custom arg that
     overrides a managed flag (§8.7 message). `chat_template` (ours) is a Jinja file for a GGUF that
     carries none; it goes before the user's `--llamacpp-args`, which can still override it. (A
     built-in template name would not do: after `--jinja`, `--chat-template NAME` is read as Jinja.)"""
     embeddings = "embeddings" in labels
     ctx = max(options.ctx_size, EMBEDDINGS_MIN_CTX) if embeddings else options.ctx_size
-    argv = [binary, "-m", gguf, "--ctx-size", str(ctx), "--port", str(port), "--jinja"]
+    # `--metrics` (HEAD `llamacpp_server.cpp` 349): its /metrics is re-exported by ours (B had none)
+    argv = [binary, "-m", gguf, "--ctx-size", str(ctx), "--port", str(port), "--jinja", "--metrics"]
     if mmproj:
         argv += ["--mmproj", mmproj]
     argv += ["--keep", "16"] if options.backend == "metal" else ["--context-shift", "--keep", "16"]
@@ -198,6 +199,7 @@ def build_argv(binary: str, gguf: str, port: int, options: LlamaCppOptions, labe
 
 class LlamaCppServer(WrappedServer):
     server_name = "llama-server"
+    exposes_metrics = True  # started with --metrics
 
     def __init__(self, model_name: str, checkpoint: str, recipe: str, gguf: Path, labels: list[str],
                  mmproj: Path | None, options: LlamaCppOptions, chat_template: Path | None = None):

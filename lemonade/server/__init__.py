@@ -88,6 +88,7 @@ def _serve(config, on_ready, persistent: bool) -> int:
     from lemonade.backends.llamacpp_server import LlamaCppOptions
     from lemonade.error_types import LemonadeError
     from lemonade.router import Limits, Router
+    from lemonade.server import security
     from lemonade.server.handlers import Api
     from lemonade.server.httpd import CLIENT_IDLE_TIMEOUT, LemonadeHTTPServer, serve_forever_in_thread
     from lemonade.utils import path_utils
@@ -116,14 +117,20 @@ def _serve(config, on_ready, persistent: bool) -> int:
     stop = threading.Event()
     api = Api(router, models, config, on_shutdown=stop.set)
     bind_host = "127.0.0.1" if config.host == "localhost" else config.host
+    keys = security.Keys.from_env()  # read once: a running server keeps the keys it started with
     try:
         httpd = LemonadeHTTPServer((bind_host, config.port), api,
-                                   client_timeout=path_utils.client_timeout(CLIENT_IDLE_TIMEOUT))
+                                   client_timeout=path_utils.client_timeout(CLIENT_IDLE_TIMEOUT),
+                                   hooks=security.default_hooks(keys))
     except OSError as e:
         # C++ ignores listen()'s result and exits 0 on a busy port (cli.md §2); we say so and fail.
         return _fail(f"Error: cannot listen on {config.host}:{config.port}: {e.strerror or e}", persistent)
     config.port = httpd.server_address[1]  # the real port when 0 was asked for
     log.info("[Server] Starting on %s:%d", config.host, config.port)
+    log.info("[Server] %s", security.describe(keys))
+    warning = security.unsecured_bind_warning(bind_host, keys)
+    if warning:
+        log.warning("[Server] %s", warning)
     single_instance.write_pid_file(config.port, config.host)
     if persistent:
         _print_started(config)

@@ -6,9 +6,7 @@ real cause of an error we return it (see CMake-parity-docs/server.md).
 """
 from __future__ import annotations
 
-import json
 import logging
-import re
 import threading
 from typing import Any
 
@@ -16,7 +14,9 @@ from lemonade import __version__, streaming_proxy
 from lemonade.error_types import (InvalidRequestError, LemonadeError, ModelNotFoundError,
                                   ModelNotLoadedError, ModelNotLoadedNamedError, simple_error_body)
 from lemonade.model_manager import SETTINGS as MODEL_SETTINGS
-from lemonade.server.httpd import ClientDisconnected
+from lemonade.server.anthropic_routes import AnthropicRoutes
+from lemonade.server.json_body import apply_no_think, optional_field, parse_json_object
+from lemonade.server.ollama_routes import OllamaRoutes
 from lemonade.utils.json_utils import dumps
 from lemonade.wrapped_server import BackendCall, StartProgress
 
@@ -26,96 +26,19 @@ MODEL_CREATED = 1234567890  # the constant `created` of C++ model entries (§4.2
 SHUTDOWN_DELAY = 0.1  # C++ answers, then stops 100 ms later (§4.19)
 
 
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+class Api(OllamaRoutes, AnthropicRoutes):
+    """Every route's handler (`routes.ROUTES` names them); the Ollama and Anthropic ones come from
+    their mixins."""
 
-
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """A request body as a JSON object. Raises InvalidRequestError with the parser's reason.
-
-    Stricter than `json.loads`, like nlohmann (which the C++ server and llama-server use): UTF-8
-    only (a BOM is skipped), no `NaN`/`Infinity`, no unpaired surrogate escapes. Each of those would
-    otherwise reach llama-server as bytes it refuses, or fail when we serialise the body again."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InvalidRequestError(f"Request body is not valid UTF-8: {e}") from None
-    text = text.removeprefix("\ufeff")
-    if not text.strip():
-        raise InvalidRequestError("Request body is empty; expected a JSON object")
-    try:
-        body = _STRICT_DECODER.decode(text)
-    except ValueError as e:
-        raise InvalidRequestError(f"Invalid JSON: {e}") from None
-    except RecursionError:
-        raise InvalidRequestError("Invalid JSON: nested too deeply") from None
-    if not isinstance(body, dict):
-        raise InvalidRequestError(f"Expected a JSON object, got {_json_type(body)}")
-    if _SURROGATE_ESCAPE.search(raw):
-        _check_encodable(body)
-    return body
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-# One decoder for every request: `json.loads` with any keyword argument builds a new one per call.
-_STRICT_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
-
-
-def _check_encodable(value) -> None:
-    """Unpaired surrogate escapes (`"\\ud800"`) decode to strings no UTF-8 encoder accepts."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidRequestError("Invalid JSON: unpaired UTF-16 surrogate in a string") from None
-
-
-def _json_type(value) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
-            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def optional_field(body: dict, key: str, kind: type, kind_name: str):
-    """`body[key]` if present and of `kind` (a bool is not a number here); None if absent or null."""
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        article = "an" if kind_name[0] in "aeiou" else "a"
-        raise InvalidRequestError(f"'{key}' must be {article} {kind_name}, got {_json_type(value)}")
-    return value
-
-
-def apply_no_think(body: dict) -> bool:
-    """C++ B: `enable_thinking: false` prepends `/no_think\\n` to the last user message with string
-    content (§4.4 step 2). Returns whether the body changed."""
-    messages = body.get("messages")
-    if body.get("enable_thinking") is not False or not isinstance(messages, list):
-        return False
-    for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == "user" and isinstance(message.get("content"), str):
-            message["content"] = "/no_think\n" + message["content"]
-            return True
-    return False
-
-
-class Api:
     def __init__(self, router, models, config, on_shutdown):
         self.router = router
         self.manager = models
         self.config = config
         self.on_shutdown = on_shutdown
         self.requested_log_level = config.log_level  # C++ stores it and nothing reads it (§4.17)
+        from lemonade.server.metrics import BackendScraper
+
+        self.scraper = BackendScraper()  # llama-server /metrics, cached per backend
 
     # -- status ------------------------------------------------------------------------------------
 
@@ -136,6 +59,18 @@ class Api:
             "status": "ok",
             "version": __version__,
         })
+
+    def metrics(self, h) -> None:
+        """Prometheus text (HEAD §7.6). Blocks for at most one scrape of each loaded llama-server."""
+        from lemonade.server import metrics
+
+        usage = self.router.usage()
+        texts = {m.info.name: self.scraper.text(m.backend.base_url())
+                 for m in usage.loaded if m.backend.exposes_metrics}
+        limit = self.router.limits.max_loaded
+        page = metrics.render(usage, __version__, {kind: limit for kind in MODEL_TYPES}, texts,
+                              metrics.system_gauges())
+        h.send_bytes(200, page.encode("utf-8"), metrics.CONTENT_TYPE)
 
     def live(self, h) -> None:
         """Liveness only: touches neither models nor the router (HEAD §7.7)."""
@@ -401,7 +336,7 @@ class OpenAiSink:
 
     def __init__(self, h, check=None):
         self.h, self.check = h, check
-        self.stream_chunk = _chunk_writer(h)  # ReplySink.stream_chunk: raises ClientGone when the client left
+        self.stream_chunk = h.relay_writer()  # ReplySink.stream_chunk: raises ClientGone when the client left
 
     def json(self, status: int, body: Any) -> None:
         if status == 200 and self.check:
@@ -421,7 +356,7 @@ def progress_stream(h, work) -> None:
     """Run `work(progress)` with its progress as SSE `progress` events, then `complete` with its
     result, or `error` (a pull's event stream; a load's uses the same, http-api §4.9)."""
     h.start_sse()
-    write = _chunk_writer(h)
+    write = h.relay_writer()
 
     def on_progress(event) -> None:
         write(b"event: progress\ndata: " + dumps(progress_event(event)) + b"\n\n")
@@ -435,15 +370,6 @@ def progress_stream(h, work) -> None:
         h.close_connection = True
         return
     h.end_chunks()
-
-
-def _chunk_writer(h):
-    def write(data: bytes) -> None:
-        try:
-            h.write_chunk(data)
-        except ClientDisconnected as e:
-            raise streaming_proxy.ClientGone() from e
-    return write
 
 
 def progress_event(p) -> dict[str, Any]:

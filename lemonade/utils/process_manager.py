@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from lemonade.utils import path_utils
+
 log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 5.0  # SIGTERM grace before SIGKILL (C++: 50 × 100 ms)
@@ -81,7 +83,7 @@ def spawn(name: str, argv: Sequence[str], env: dict[str, str] | None = None,
     def start() -> subprocess.Popen:
         return subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=env, start_new_session=True, restore_signals=not ignore_sigpipe,
+            env=path_utils.child_environment(env), start_new_session=True, restore_signals=not ignore_sigpipe,
             preexec_fn=_set_parent_death_signal if _prctl is not None else None)
 
     popen = _spawner.submit(start).result()

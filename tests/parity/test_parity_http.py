@@ -161,12 +161,45 @@ def test_other_methods_are_generic_404(router, method):
     assert_cors(r)
 
 
-@pytest.mark.parametrize("path", ["/api/v1/nope", "/v1/chat/completions", "/api/v2/health", "/api/v1/halt",
+@pytest.mark.parametrize("path", ["/api/v1/nope", "/v2/chat/completions", "/api/v2/health", "/api/v1/halt",
                                   "/api/v0/test"])
 def test_unknown_route_is_generic_404(router, path):
     r = requests.get(router.url + path, timeout=10)
     assert_generic_404(r, path)
     assert_cors(r)
+
+
+@pytest.mark.differs_from_cpp("lemonade HEAD's /v0 and /v1 prefixes: clients written for HEAD use /v1")
+def test_v1_prefix_serves_the_openai_routes(router, is_cpp):
+    models = requests.get(router.url + "/v1/models", timeout=30)
+    chat = requests.get(router.url + "/v1/chat/completions", timeout=10)
+    if is_cpp:
+        assert_generic_404(models, "/v1/models")
+        assert_generic_404(chat, "/v1/chat/completions")
+    else:
+        assert models.status_code == 200
+        assert models.json() == requests.get(router.api + "/models", timeout=30).json()
+        assert chat.status_code == 405  # a POST route, as under /api/v1
+        assert chat.json() == {"error": "Method Not Allowed. Use POST for this endpoint"}
+    assert_cors(models)
+
+
+@pytest.mark.differs_from_cpp("a page of another origin may not drive the server (lemonade HEAD's origin check)")
+def test_foreign_origin(router, is_cpp):
+    origin = {"Origin": "https://evil.example"}
+    health = requests.get(router.api + "/health", headers=origin, timeout=10)
+    delete = requests.post(router.api + "/delete", data=b'{"model": "No-Such-Model"}', timeout=10,
+                           headers={**origin, "Content-Type": "text/plain"})
+    if is_cpp:
+        assert health.status_code == 200 and health.headers["Access-Control-Allow-Origin"] == "*"
+        assert delete.status_code == 422  # the delete ran; only the unknown name saved the model
+    else:
+        assert health.status_code == 403 and health.json() == {"error": "Origin not allowed"}
+        assert delete.status_code == 403
+        assert "Access-Control-Allow-Origin" not in health.headers
+    local = requests.get(router.api + "/health", headers={"Origin": "http://localhost:5173"}, timeout=10)
+    assert local.status_code == 200
+    assert local.headers["Access-Control-Allow-Origin"] == ("*" if is_cpp else "http://localhost:5173")
 
 
 def test_unknown_route_head_is_404_without_body(router):
