@@ -173,7 +173,7 @@ def test_with_model_workers_overrides_the_server_list_only_when_the_model_has_on
 def test_argv_with_rpc_workers():
     options = LlamaCppOptions(rpc_workers=(Worker("10.0.0.2", 50052), Worker("gpu", 7)))
     argv = build_argv("/bin/llama-server", "/m.gguf", 8001, options, [])
-    assert argv == ["/bin/llama-server", "-m", "/m.gguf", "--ctx-size", "4096", "--port", "8001", "--jinja",
+    assert argv == ["/bin/llama-server", "-m", "/m.gguf", "--ctx-size", "4096", "--port", "8001", "--jinja", "--metrics",
                     "--context-shift", "--keep", "16", "--reasoning-format", "auto",
                     "--rpc", "10.0.0.2:50052,gpu:7", "-ngl", "99"]
     with pytest.raises(InvalidRequestError, match="'--rpc' is managed by Lemonade"):

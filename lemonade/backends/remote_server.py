@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from lemonade.error_types import (BackendError, ConfigurationError, InvalidRequestError, LemonadeError, NetworkError,
                                   UpstreamError)
 from lemonade.utils import http_client, path_utils
-from lemonade.wrapped_server import BackendCall, ReplySink, State, Telemetry, WrappedServer
+from lemonade.wrapped_server import Answered, BackendCall, ReplySink, State, Telemetry, WrappedServer
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +186,9 @@ class RemoteServer(WrappedServer):
             return body
         return {**body, "model": self.checkpoint}
 
-    def forward(self, call: BackendCall, sink: ReplySink) -> None:
-        """The base class's forward, noting what the upstream did for `/health`. Raises as it."""
-        super().forward(call, _Observed(sink, self._note))
+    def forward(self, call: BackendCall, sink: ReplySink) -> Answered | None:
+        """The base class's forward, noting what the upstream did for `/health`. Returns and raises as it."""
+        return super().forward(call, _Observed(sink, self._note))
 
     def failure_error(self, error: LemonadeError) -> LemonadeError:
         """A call without a (complete) answer: 502 naming the upstream."""
