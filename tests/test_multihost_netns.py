@@ -14,6 +14,7 @@ each leaves the hosts as it found them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -190,13 +191,21 @@ def test_chat_and_stream_through_a_remote_upstream(lemonade, upstream, hosts):
     assert entry["upstream"]["state"] == "ok"
 
 
-def test_client_leaving_mid_stream_closes_the_upstream_request(lemonade, upstream):
-    with http().post(lemonade.api + "/chat/completions", json={"model": REMOTE_MODEL, **LONG},
+@contextlib.contextmanager
+def long_stream(lemonade: Lemonade, model: str, first: int = 5):
+    """A long streamed generation through A, open; yields its frame iterator after `first` frames.
+    Leaving the block closes the client's connection."""
+    with http().post(lemonade.api + "/chat/completions", json={"model": model, **LONG},
                      stream=True, timeout=120) as reply:
         assert reply.status_code == 200
         frames = sse_frames(reply)
-        for _ in range(5):
+        for _ in range(first):
             next(frames)
+        yield frames
+
+
+def test_client_leaving_mid_stream_closes_the_upstream_request(lemonade, upstream):
+    with long_stream(lemonade, REMOTE_MODEL):
         assert upstream.generating()
     # the client is gone; A closes its request to B and B's slot stops long before 3000 tokens
     wait_for(lambda: not upstream.generating(), 15, interval=0.1, what="B to stop generating")
@@ -206,12 +215,7 @@ def test_client_leaving_mid_stream_closes_the_upstream_request(lemonade, upstrea
 def test_upstream_killed_mid_stream_then_back(lemonade, upstream, hosts):
     _, b = hosts
     assert lemonade.chat(LOCAL_MODEL).status_code == 200
-    with http().post(lemonade.api + "/chat/completions", json={"model": REMOTE_MODEL, **LONG},
-                     stream=True, timeout=120) as reply:
-        assert reply.status_code == 200
-        frames = sse_frames(reply)
-        for _ in range(5):
-            next(frames)
+    with long_stream(lemonade, REMOTE_MODEL) as frames:
         upstream.kill()
         rest = list(frames)  # ends: the stream is closed after the error frame
     errors = [json.loads(f)["error"] for f in rest if f.startswith("{") and "error" in json.loads(f)]
