@@ -27,6 +27,7 @@ BENCHES = {
     "streaming": (["--streams", "20"], ["--streams", "8"]),
     "concurrency": (["--rounds", "10"], ["--rounds", "2"]),
     "multi_model": (["--rounds", "3"], ["--rounds", "1"]),
+    "multi_host": (["--rounds", "8"], ["--rounds", "2"]),  # needs root (network namespaces), else says so
 }
 DOWNLOAD_ARGS = ["--repeat", "1", "--extra-mb", "20"]
 

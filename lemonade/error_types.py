@@ -91,6 +91,29 @@ class BackendError(LemonadeError):
     status = 502
 
 
+class UpstreamError(BackendError):
+    """A remote upstream answered with an error: its own status is ours, so a refused key stays a 401."""
+
+    error_type = "upstream_error"
+
+    def __init__(self, message: str, status: int, details: dict[str, Any] | None = None):
+        super().__init__(message, details)
+        self.status = status
+
+
+class RpcWorkerError(BackendError):
+    """A llama.cpp RPC worker a model needs is down, unreachable or busy, or was lost while in use."""
+
+    error_type = "rpc_worker_error"
+
+
+class ConfigurationError(LemonadeError):
+    """A setting the server was given cannot work (e.g. a model's API key variable is not set)."""
+
+    error_type = "configuration_error"
+    status = 500
+
+
 class NetworkError(LemonadeError):
     error_type = "network_error"
     status = 502

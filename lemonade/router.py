@@ -13,6 +13,8 @@ Decisions are pure functions, table-tested and free of logging (llama-swap's `Ev
 one) and `idle_victims` (the idle unload). The log line comes when a decision is carried out.
 Limits: `max_loaded` models per type (llm, embedding, reranking; -1 = unlimited; 1 keeps C++ GA's
 one-model behaviour for chat models) and an optional idle timeout.
+Unmetered models (a remote upstream: `WrappedServer.unmetered`) use nothing on this machine: as HEAD's
+cloud models they sit in no pool, never count against one, and are never evicted or idle-unloaded.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ class SlotView:
     last_use: float
     busy: bool  # serving a request, or still loading
     pinned: bool
+    unmetered: bool = False  # in no pool: counts against none, never evicted (a remote upstream)
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,14 @@ class EvictionPlan:
     pinned_full: bool = False  # every model that would have to go is pinned: refuse
 
 
-def plan_eviction(target: str, target_type: str, slots: list[SlotView], limit: int) -> EvictionPlan:
+def plan_eviction(target: str, target_type: str, slots: list[SlotView], limit: int,
+                  unmetered: bool = False) -> EvictionPlan:
     """Room for `target` in its type's pool: the least recently used unpinned, idle models give way.
+    An `unmetered` target needs no room, and unmetered slots are nobody's peers.
     Pure: no state, no logging (it runs again after every wait)."""
-    peers = [s for s in slots if s.model_type == target_type and s.name != target]
+    if unmetered:
+        return EvictionPlan()
+    peers = [s for s in slots if s.model_type == target_type and s.name != target and not s.unmetered]
     if limit < 0 or len(peers) < limit:
         return EvictionPlan()
     need = len(peers) + 1 - limit
@@ -80,10 +87,11 @@ def plan_eviction(target: str, target_type: str, slots: list[SlotView], limit: i
 
 
 def idle_victims(slots: list[SlotView], now: float, idle_timeout: float) -> list[str]:
-    """Models unused for `idle_timeout` seconds that are neither busy nor pinned. Pure."""
+    """Models unused for `idle_timeout` seconds that are neither busy, pinned nor unmetered. Pure."""
     if idle_timeout <= 0:
         return []
-    return [s.name for s in slots if not s.busy and not s.pinned and now - s.last_use >= idle_timeout]
+    return [s.name for s in slots
+            if not s.busy and not s.pinned and not s.unmetered and now - s.last_use >= idle_timeout]
 
 
 @dataclass
@@ -106,7 +114,7 @@ class Slot:
 
     def view(self) -> SlotView:
         return SlotView(self.name, self.model_type, self.last_use, self.loading or self.in_flight > 0,
-                        self.pinned)
+                        self.pinned, self.backend.unmetered)
 
 
 @dataclass(frozen=True)
@@ -310,7 +318,8 @@ class Router:
                 if self._closed:
                     raise ProcessError("Server is shutting down")
                 views = [s.view() for s in self._slots.values()]
-                plan = plan_eviction(slot.name, slot.model_type, views, self.limits.max_loaded)
+                plan = plan_eviction(slot.name, slot.model_type, views, self.limits.max_loaded,
+                                     slot.backend.unmetered)
                 if plan.pinned_full:
                     raise SlotsPinnedError(f"{RESIDENCY_CLASS}/{slot.model_type}")
                 if not plan.wait_for:

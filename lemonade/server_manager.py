@@ -27,6 +27,9 @@ STOP_WAIT = 5.0  # C++ terminate wait: 50 polls of 100 ms (tray_app.cpp L1283-13
 STOP_POLL = 0.1
 RULE = "-" * 100
 PULL_USAGE = "pull <model_name> [--checkpoint CHECKPOINT] [--recipe RECIPE] [--reasoning] [--vision] [--mmproj MMPROJ]"
+PULL_VALUE_OPTIONS = ("--checkpoint", "--recipe", "--mmproj")  # C++'s
+# ours (not in the usage line, which is C++'s): a remote upstream's and an RPC model's settings
+PULL_SETTINGS = {"--base-url": "base_url", "--api-key-env": "api_key_env", "--rpc-workers": "rpc_workers"}
 DELETE_USAGE = "delete <model_name>"
 RUN_USAGE = "run <model_name>"
 NO_BROWSER_NOTE = "Not opening a browser: "  # + the reason; stderr, once the model is loaded
@@ -317,8 +320,11 @@ def pull_body(name: str, options: list[str]) -> dict[str, Any]:
     while i < len(options):
         token = options[i]
         key = token[2:]
-        if token in ("--checkpoint", "--recipe", "--mmproj") and i + 1 < len(options):
+        if token in PULL_VALUE_OPTIONS and i + 1 < len(options):
             body[key] = options[i + 1]
+            i += 1
+        elif token in PULL_SETTINGS and i + 1 < len(options):
+            body[PULL_SETTINGS[token]] = options[i + 1]
             i += 1
         elif token in ("--reasoning", "--vision"):
             body[key] = True
@@ -350,7 +356,8 @@ def pull(config, positionals: list[str], prog: str) -> int:
             registry.model_manager().download(model, checkpoint=body.get("checkpoint", ""),
                                     recipe=body.get("recipe", ""), reasoning=bool(body.get("reasoning")),
                                     vision=bool(body.get("vision")), mmproj=body.get("mmproj", ""),
-                                    progress=_progress_printer())
+                                    progress=_progress_printer(),
+                                    settings={k: body[k] for k in PULL_SETTINGS.values() if k in body})
     except (HttpFailure, LemonadeError) as e:
         print(f"Error pulling model: {e}", file=sys.stderr)
         return 1
@@ -623,3 +630,46 @@ def residency_command(command: str, positionals: list[str], prog: str) -> int:
             "pin": f"Model pinned: {name}", "unpin": f"Model unpinned: {name}"}
     print(done[command])
     return 0
+
+
+# -- rpc-worker (ours) ---------------------------------------------------------------------------
+
+
+def rpc_worker(host: str, port: int, threads: int | None, log_level: str = "info") -> int:
+    """Run llama.cpp's rpc-server from the llama.cpp install on host:port until Ctrl+C or SIGTERM,
+    then stop it (TERM, bounded wait, KILL). Blocks; returns 0 after a requested stop, 1 when the
+    worker cannot start or exits by itself (its last output is printed)."""
+    import signal
+    import threading
+
+    from lemonade.backends import llamacpp_rpc
+    from lemonade.error_types import LemonadeError
+    from lemonade.logging_config import configure_logging
+    from lemonade.utils import process_manager
+
+    configure_logging(log_level)
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda signum, frame: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            child = llamacpp_rpc.start_worker(host, port, threads=threads)
+        except LemonadeError as e:
+            print(f"Error: {e.message}", file=sys.stderr)
+            return 1
+        shown = "<this machine's address>" if host == "0.0.0.0" else host
+        print_line(f"RPC worker listening on {host}:{port} (rpc-server pid {child.pid})")
+        print_line(f"Use it from the server's machine: lemonade serve --rpc-workers {shown}:{port}")
+        print_line("Press Ctrl+C to stop")
+        while not stop.wait(0.5):
+            if not child.is_alive():
+                child.wait_drained()
+                print_line(f"Error: rpc-server exited with code {child.exit_code()}:\n{child.tail_text()}",
+                           file=sys.stderr)
+                return 1
+        print_line("Stopping the RPC worker...")
+        process_manager.stop(child)
+        print_line("RPC worker stopped")
+        return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

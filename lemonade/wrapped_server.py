@@ -186,6 +186,10 @@ class WrappedServer:
     server_name = "backend"
     health_paths: tuple[str, ...] = ("/health", "/v1/health")
     exposes_metrics = False  # serves Prometheus text at /metrics (re-exported by our /metrics)
+    # Unmetered backends use nothing on this machine (a remote upstream): they never count against a
+    # pool of the router and are never evicted (HEAD's cloud models, head-llm-surface.md §3.1).
+    unmetered = False
+    exit_wait = 1.0  # seconds a failed call waits for the child to exit, to report its death instead
 
     def __init__(self, model_name: str, checkpoint: str, recipe: str):
         self.model_name = model_name
@@ -213,6 +217,16 @@ class WrappedServer:
 
     def ready_timeout(self) -> float:
         return READY_TIMEOUT
+
+    def death_error(self, child: process_manager.Child) -> LemonadeError | None:
+        """Why the child exited, when its output says more than its exit code (a subclass reads it);
+        None for the generic message. Called after the child has exited; may block briefly."""
+        return None
+
+    def health_details(self) -> dict[str, Any]:
+        """Extra fields of this model's `/health` entry (a remote upstream's URL and state, RPC
+        workers). Must not block for long: `/health` is polled."""
+        return {}
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -303,6 +317,9 @@ class WrappedServer:
         urls = [f"http://127.0.0.1:{port}{p}" for p in self.health_paths]
         while True:
             if not child.is_alive():
+                reason = self.death_error(child)
+                if reason is not None:
+                    raise reason
                 tail = child.tail_text()
                 raise ProcessError(
                     f"{self.server_name} failed to start: process exited with code {child.exit_code()}"
@@ -380,6 +397,14 @@ class WrappedServer:
         path); None when unknown (answers parsed as JSON are rewritten anyway)."""
         return None
 
+    def endpoint_url(self, endpoint: str) -> str:
+        """Where a call to `endpoint` (an OpenAI path such as `/v1/chat/completions`) goes."""
+        return self.base_url() + endpoint
+
+    def request_headers(self) -> dict[str, str] | None:
+        """Extra headers of every forwarded request (a remote upstream's key); none for a child."""
+        return None
+
     def request_payload(self, endpoint: str, body: dict[str, Any], raw: bytes | None = None) -> bytes:
         """The bytes to send: the client's own `raw` bytes when nothing rewrote the body, else the
         (rewritten) body serialised."""
@@ -396,12 +421,12 @@ class WrappedServer:
         if not self.is_ready():
             raise ModelNotLoadedError(self.server_name)
         payload = self.request_payload(call.endpoint, call.body, call.raw)
-        url = self.base_url() + call.endpoint
+        url, headers = self.endpoint_url(call.endpoint), self.request_headers()
         if not call.stream:
             try:
-                reply = http_client.post_json(url, payload)
+                reply = http_client.post_json(url, payload, headers=headers)
             except NetworkError as e:
-                raise self._death_or(e) from e
+                raise self.failure_error(e) from e
             if reply.status != 200:  # C++ GA wrapped it and answered 200; we keep the status
                 sink.json(backend_status_for_client(reply.status, reply.body),
                           backend_error_body(self.server_name, reply.status, reply.body))
@@ -415,14 +440,15 @@ class WrappedServer:
             sink.json(200, reply.body)
             return Answered(figures)
         try:
-            response = http_client.post_stream(url, payload, path_utils.backend_timeout(STREAM_IDLE_TIMEOUT))
+            response = http_client.post_stream(url, payload, path_utils.backend_timeout(STREAM_IDLE_TIMEOUT),
+                                               headers=headers)
         except NetworkError as e:
-            raise self._death_or(e) from e
+            raise self.failure_error(e) from e
         if response.status_code != 200:
             try:
                 detail = response.json_or_text()
             except NetworkError as e:
-                raise self._death_or(e) from e
+                raise self.failure_error(e) from e
             finally:
                 response.close()
             sink.json(backend_status_for_client(response.status_code, detail),
@@ -434,7 +460,7 @@ class WrappedServer:
             return None  # the client left; the upstream request is closed, which stops the generation
         error, figures = None, None
         if result.error is not None:
-            error = {"message": self._death_or(result.error).message, "type": "backend_error"}
+            error = {"message": self.failure_error(result.error).message, "type": "backend_error"}
         elif call.telemetry and result.last_stats_frame:
             figures = self.telemetry.update(result.last_stats_frame, streaming=True)
         sink.stream_end(error)
@@ -456,10 +482,11 @@ class WrappedServer:
             write(chunk.replace(token, renamed))
         return write_renamed
 
-    def _death_or(self, error: LemonadeError) -> LemonadeError:
-        """A failed call to a child that has just died reports the death (the next request starts
-        it again), not a bare connection error. A child that timed out and no longer answers its
-        health probe is hung: it is stopped and reported, and started again next time."""
+    def failure_error(self, error: LemonadeError) -> LemonadeError:
+        """The error to report for a call that got no (complete) answer. A failed call to a child
+        that has just died reports the death (the next request starts it again), not a bare
+        connection error. A child that timed out and no longer answers its health probe is hung: it
+        is stopped and reported, and started again next time. Blocks up to `exit_wait` (+ a probe)."""
         child = self._child
         if isinstance(error, http_client.BackendTimeout) and child is not None and child.is_alive():
             if not http_client.is_reachable(self.base_url() + self.health_paths[0], HUNG_PROBE_TIMEOUT):
@@ -470,9 +497,12 @@ class WrappedServer:
             return error
         if child is not None:
             try:
-                child.popen.wait(timeout=1.0)
+                child.popen.wait(timeout=self.exit_wait)
             except subprocess.TimeoutExpired:  # still running: the network error stands
                 return error
+            reason = self.death_error(child)
+            if reason is not None:
+                return reason
             return ProcessError(f"{self.server_name} exited with code {child.exit_code()} "
                                 "while handling the request")
         if self.state() in (State.STOPPING, State.STOPPED):

@@ -191,9 +191,9 @@ def test_pin_validation(serve, body, message):
 
 def test_idle_models_unload_even_while_health_is_polled(serve):
     server = serve("--idle-timeout", "3", "--max-loaded-models", "2")
+    assert load(server, B, pinned=True).status_code == 200
     assert load(server, A).status_code == 200
     started = time.monotonic()  # A's last use: the end of its load
-    assert load(server, B, pinned=True).status_code == 200
     (pid_a,) = [e["pid"] for e in health(server)["all_models_loaded"] if e["model_name"] == A]
     polls = 0
 

@@ -12,6 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lemonade import system_info
 from lemonade.backends import llamacpp_install
@@ -19,6 +20,9 @@ from lemonade.backends.llamacpp_install import INSTALL_SUBPATHS
 from lemonade.error_types import InstallationError, InvalidRequestError
 from lemonade.utils import json_utils, path_utils
 from lemonade.wrapped_server import WrappedServer
+
+if TYPE_CHECKING:
+    from lemonade.backends.llamacpp_rpc import Worker
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,8 @@ class LlamaCppOptions:
     backend: str = "vulkan"  # vulkan | rocm | metal, as the C++ CLI accepts
     custom_args: str = ""
     binary: str | None = None  # explicit override
+    # llama.cpp RPC workers the layers go to (`--rpc`; `serve --rpc-workers`, or a model's own list)
+    rpc_workers: tuple["Worker", ...] = ()
 
 
 def _package_binary() -> Path | None:
@@ -159,7 +165,8 @@ def split_custom_args(text: str) -> list[str]:
 
 def build_argv(binary: str, gguf: str, port: int, options: LlamaCppOptions, labels: list[str],
                mmproj: str | None = None, chat_template: str | None = None) -> list[str]:
-    """The C++ B command line (§8.6), plus HEAD's `--metrics`. Raises InvalidRequestError on a custom arg that
+    """The C++ B command line (§8.6), plus HEAD's `--metrics`, plus `--rpc` when `options.rpc_workers`
+    names llama.cpp RPC workers (ours; a managed flag then). Raises InvalidRequestError on a custom arg that
     overrides a managed flag (§8.7 message). `chat_template` (ours) is a Jinja file for a GGUF that
     carries none; it goes before the user's `--llamacpp-args`, which can still override it. (A
     built-in template name would not do: after `--jinja`, `--chat-template NAME` is read as Jinja.)"""
@@ -175,6 +182,8 @@ def build_argv(binary: str, gguf: str, port: int, options: LlamaCppOptions, labe
         argv += ["--embeddings", "--batch-size", "8192", "--ubatch-size", "8192"]
     if "reranking" in labels:
         argv += ["--reranking"]
+    if options.rpc_workers:  # ours: layers on other machines' rpc-server (llamacpp_rpc)
+        argv += ["--rpc", ",".join(w.endpoint for w in options.rpc_workers)]
     argv += ["-ngl", "99"]
     reserved = sorted({a for a in argv[1:] if a.startswith("-")})
     custom = split_custom_args(options.custom_args) if options.custom_args else []

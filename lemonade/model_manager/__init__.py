@@ -10,6 +10,7 @@ The pieces live beside it: `registry` (the JSON files), `hf_cache` (the cache la
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelManager", "ModelInfo", "ModelFiles", "USER_PREFIX"]
+__all__ = ["ModelManager", "ModelInfo", "ModelFiles", "USER_PREFIX", "SETTINGS"]
+
+SETTINGS = ("base_url", "api_key_env", "rpc_workers")  # the several-machines fields of a user entry
 
 
 @dataclass(frozen=True)
@@ -90,13 +93,16 @@ class ModelManager:
 
     def download(self, name: str, checkpoint: str = "", recipe: str = "", reasoning: bool = False,
                  vision: bool = False, mmproj: str = "", do_not_upgrade: bool = False,
-                 progress: Callable | None = None) -> ModelInfo:
+                 progress: Callable | None = None, settings: dict[str, str] | None = None) -> ModelInfo:
         """Pull a model (C++ `download_model`, spec §9.4). Blocks; raises error_types exceptions.
 
-        A user entry is written only once its files are complete, so a failed pull leaves the
-        registry as it was."""
+        `settings` (ours) are the several-machines fields of a user entry: `base_url`, `api_key_env`
+        (a remote upstream) and `rpc_workers` (llama.cpp RPC); the recipe's spec checks them. A user
+        entry is written only once its files are complete, so a failed pull leaves the registry as it
+        was."""
         known = self.supported_models().get(name)
         info = self._pull_target(name, known, checkpoint, recipe, reasoning, vision, mmproj)
+        info = self._with_settings(info, known, checkpoint, settings or {})
         offline = path_utils.offline_setting()
         if offline is not None and self.is_downloaded(info):
             return self._register(name, checkpoint, info)  # complete: offline needs nothing more
@@ -108,6 +114,22 @@ class ModelManager:
             else:
                 self.recipes(info.recipe).fetch(info, progress, force=not do_not_upgrade)
         return self._register(name, checkpoint, info)
+
+    def _with_settings(self, info: ModelInfo, known: ModelInfo | None, checkpoint: str,
+                       settings: dict[str, str]) -> ModelInfo:
+        """`info` with the given settings, checked by its recipe's spec. A registered model keeps
+        its settings unless new ones are given; only user models take them."""
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise RegistryError(f"Unknown model setting(s): {', '.join(unknown)}")
+        given = {k: v for k, v in settings.items() if v}
+        if given and not info.is_user:
+            raise RegistryError(f"{', '.join(sorted(given))} can only be set on a user model "
+                                f"(`{USER_PREFIX}<name>`), not on {info.name}")
+        if given or info is not known:
+            info = dataclasses.replace(info, **given)
+            self.recipes(info.recipe).check_registration(info)
+        return info
 
     @staticmethod
     def _register(name: str, checkpoint: str, info: ModelInfo) -> ModelInfo:
@@ -215,7 +237,8 @@ def _as_user(info: ModelInfo) -> ModelInfo:
     if info.is_user:
         return info
     return ModelInfo(name=USER_PREFIX + info.name, checkpoint=info.checkpoint, recipe=info.recipe,
-                     labels=info.labels or ["custom"], mmproj=info.mmproj, suggested=True)
+                     labels=info.labels or ["custom"], mmproj=info.mmproj, suggested=True,
+                     base_url=info.base_url, api_key_env=info.api_key_env, rpc_workers=info.rpc_workers)
 
 
 def _repo_folder_of(path: Path) -> Path | None:

@@ -87,7 +87,7 @@ def _attach_log_file(config) -> None:
 
 def _serve(config, on_ready, persistent: bool) -> int:
     from lemonade import single_instance
-    from lemonade.backends import registry
+    from lemonade.backends import llamacpp_rpc, registry
     from lemonade.backends.llamacpp_server import LlamaCppOptions
     from lemonade.error_types import LemonadeError
     from lemonade.router import Limits, Router
@@ -107,8 +107,15 @@ def _serve(config, on_ready, persistent: bool) -> int:
             log.info("Embedded model %s placed in the Hugging Face cache", info.name)
     except LemonadeError as e:
         log.warning("Could not place the embedded models: %s", e.message)
+    try:
+        workers = tuple(llamacpp_rpc.parse_workers(config.rpc_workers)) if config.rpc_workers else ()
+    except LemonadeError as e:
+        return _fail(f"Error: --rpc-workers / ${path_utils.ENV_RPC_WORKERS}: {e.message}", persistent)
     options = LlamaCppOptions(ctx_size=config.ctx_size, backend=config.llamacpp,
-                              custom_args=config.llamacpp_args, binary=config.llama_server)
+                              custom_args=config.llamacpp_args, binary=config.llama_server,
+                              rpc_workers=workers)
+    if workers:
+        log.info("llama.cpp RPC workers for every llamacpp model: %s", llamacpp_rpc.format_workers(workers))
     router = Router(models, options, Limits(config.max_loaded_models, config.idle_timeout))
     stop = threading.Event()
     api = Api(router, models, config, on_shutdown=stop.set)

@@ -13,6 +13,7 @@ from typing import Any
 from lemonade import __version__, streaming_proxy
 from lemonade.error_types import (InvalidRequestError, LemonadeError, ModelNotFoundError,
                                   ModelNotLoadedError, ModelNotLoadedNamedError, simple_error_body)
+from lemonade.model_manager import SETTINGS as MODEL_SETTINGS
 from lemonade.server.anthropic_routes import AnthropicRoutes
 from lemonade.server.json_body import apply_no_think, optional_field, parse_json_object
 from lemonade.server.ollama_routes import OllamaRoutes
@@ -84,6 +85,8 @@ class Api(OllamaRoutes, AnthropicRoutes):
                 continue
             entry = {"checkpoint": info.checkpoint, "created": MODEL_CREATED, "id": name,
                      "object": "model", "owned_by": "lemonade", "recipe": info.recipe}
+            if info.base_url:  # a remote upstream (ours); its key variable is not shown
+                entry["base_url"] = info.base_url
             if show_all:
                 entry.update(name=name, downloaded=downloaded, labels=info.labels)
             entries.append(entry)
@@ -231,6 +234,8 @@ class Api(OllamaRoutes, AnthropicRoutes):
             "vision": bool(optional_field(body, "vision", bool, "boolean")),
             "mmproj": optional_field(body, "mmproj", str, "string") or "",
             "do_not_upgrade": bool(optional_field(body, "do_not_upgrade", bool, "boolean")),
+            # ours: a remote upstream (`recipe: remote`) and llama.cpp RPC workers of a user model
+            "settings": {key: optional_field(body, key, str, "string") or "" for key in MODEL_SETTINGS},
         }
 
         def work(progress) -> dict[str, Any]:
@@ -318,13 +323,15 @@ def health_entry(model) -> dict[str, Any]:
     """One `all_models_loaded` entry (HEAD `router.cpp` 1286-1359; fields we cannot know are left out)."""
     info, backend = model.info, model.backend
     busy = model.in_flight > 0
+    pool = "unmetered" if backend.unmetered else f"standard/{info.model_type}"  # HEAD: cloud models
     return {"model_name": info.name, "checkpoint": info.checkpoint, "type": info.model_type,
-            "residency_class": "standard", "slot_pool": f"standard/{info.model_type}", "device": "cpu",
+            "residency_class": "standard", "slot_pool": pool, "device": "cpu",
             "backend_url": backend.base_url(), "pid": backend.pid, "launch_command": backend.launch_command,
             "status": "in_use" if busy else "ready", "backend_alive": True,
             "backend_health": "busy" if busy else "ready", "loaded": True, "watchdog_reset": False,
             "pinned": model.pinned, "recipe": info.recipe, "recipe_options": {}, "is_busy": busy,
-            "is_streaming": model.streams > 0, "last_use": int(model.last_use * 1000)}
+            "is_streaming": model.streams > 0, "last_use": int(model.last_use * 1000),
+            **backend.health_details()}
 
 
 class OpenAiSink:

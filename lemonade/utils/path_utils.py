@@ -41,8 +41,9 @@ ENV_LLAMACPP_ARGS = "LEMONADE_LLAMACPP_ARGS"
 ENV_LOG_LEVEL = "LEMONADE_LOG_LEVEL"
 ENV_MAX_LOADED_MODELS = "LEMONADE_MAX_LOADED_MODELS"  # HEAD's `max_loaded_models` (ours as an env var)
 ENV_IDLE_TIMEOUT = "LEMONADE_IDLE_TIMEOUT"  # ours
+ENV_RPC_WORKERS = "LEMONADE_RPC_WORKERS"  # llama.cpp RPC workers host:port,... for every llamacpp model (ours)
 SERVER_SETTINGS = (ENV_PORT, ENV_HOST, ENV_CTX_SIZE, ENV_LLAMACPP, ENV_LLAMACPP_ARGS, ENV_LOG_LEVEL,
-                   ENV_MAX_LOADED_MODELS, ENV_IDLE_TIMEOUT)
+                   ENV_MAX_LOADED_MODELS, ENV_IDLE_TIMEOUT, ENV_RPC_WORKERS)
 DEFAULT_LLAMACPP_DOWNLOAD_BASE = "https://github.com"
 # `run` never starts a browser: upstream's Python `lemonade-server run` (src/lemonade_server/cli.py L352 at
 # 61dda2d04), which its CI test test/server_cli.py sets; C++ B has no such switch and always tries xdg-open.
@@ -234,6 +235,13 @@ def server_settings_from_env() -> dict[str, str]:
     """The `lemonade-server` settings present in the environment, by variable name, as raw strings
     (an empty value counts as set, as C++ `getenv` does); `cli_parser` parses them."""
     return {name: os.environ[name] for name in SERVER_SETTINGS if name in os.environ}
+
+
+def secret_from_env(name: str) -> str | None:
+    """The value of the environment variable `name`, None when it is unset or empty: a remote
+    upstream's API key, which its model entry names (`api_key_env`) instead of holding. Callers
+    never log or store the value."""
+    return os.environ.get(name) or None
 
 
 def llamacpp_download_base() -> str:

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -60,6 +61,14 @@ class Child:
 
     def tail_text(self) -> str:
         return "\n".join(self.output_tail)
+
+    def wait_drained(self, limit: float = 1.0) -> None:
+        """Give the output thread up to `limit` seconds to read the last words of a child that has
+        exited (it closes stdout at the end), so an error can quote them. Blocks; never raises."""
+        deadline = time.monotonic() + limit
+        stdout = self.popen.stdout
+        while stdout is not None and not stdout.closed and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def spawn(name: str, argv: Sequence[str], env: dict[str, str] | None = None,
