@@ -152,8 +152,8 @@ class BackendCall:
     raw: bytes | None = None
     stream: bool = False
     telemetry: bool = True  # completions update /stats; embeddings and rerank do not (C++ B)
-    # The model name the client asked for; every answer's `model` is rewritten to it (HEAD §7.2:
-    # llama-server names the GGUF path there). The router fills it in when the caller left it None.
+    # The model name the client asked for; answers of a backend with a `reply_model_token` (llama-server,
+    # which names the GGUF path there) name the model so (HEAD §7.2). The router fills it in when None.
     reply_model: str | None = None
 
 
@@ -392,9 +392,11 @@ class WrappedServer:
         return body
 
     def reply_model_token(self) -> bytes | None:
-        """The exact bytes of the `"model":…` member this backend writes into every answer and stream
-        frame, so a stream can be rewritten with a bytes replace per chunk (no parsing on the hot
-        path); None when unknown (answers parsed as JSON are rewritten anyway)."""
+        """For a backend whose answers name the model by something of its own that means nothing to
+        the client (llama-server: the GGUF path), the exact bytes of that `"model":…` member: answers
+        and stream frames then name the model as the client asked (HEAD §7.2), a stream through a
+        bytes replace per chunk (no parsing on the hot path). None (the default): answers keep the
+        backend's name (a remote upstream answers with its own model id, on purpose)."""
         return None
 
     def endpoint_url(self, endpoint: str) -> str:
@@ -435,7 +437,7 @@ class WrappedServer:
             if isinstance(reply.body, dict):
                 if call.telemetry:
                     figures = self.telemetry.update(reply.body, streaming=False)
-                if call.reply_model is not None and "model" in reply.body:
+                if call.reply_model is not None and "model" in reply.body and self.reply_model_token():
                     reply.body["model"] = call.reply_model
             sink.json(200, reply.body)
             return Answered(figures)
