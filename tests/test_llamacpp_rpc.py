@@ -225,9 +225,10 @@ def test_worker_serving_a_client_is_busy_not_down_and_survives_the_probe(worker)
         assert time.monotonic() - started < 1.5
     # Once the first client leaves, the worker serves the probe's queued HELLO. The probe reset
     # that connection, so the reply fails with ECONNRESET; after a plain close it would die of
-    # SIGPIPE (exit -13), which is what this checks.
+    # SIGPIPE (exit -13), which is what this checks. A probe that gets a reply proves the worker
+    # outlived the reset (its log line about the failed send may not have been read yet).
     wait_for(lambda: rpc.probe_worker("127.0.0.1", port).alive, 10, what="worker free again")
-    assert child.is_alive() and "send failed" in child.tail_text()
+    assert child.is_alive(), f"worker exited {child.exit_code()}"
 
 
 def test_worker_survives_a_client_that_leaves_before_its_reply(worker):
