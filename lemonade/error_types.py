@@ -62,6 +62,12 @@ class LengthRequiredError(InvalidRequestError):
     status = 411
 
 
+class UnsupportedCodingError(InvalidRequestError):
+    """A request body in a transfer coding we cannot decode (RFC 9112 §6.1: 501)."""
+
+    status = 501
+
+
 class ConflictError(LemonadeError):
     """A name that is already taken (add-local-model)."""
 

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from lemonade import error_types
 from lemonade.error_types import (InvalidRequestError, LemonadeError, RequestTimeoutError,
-                                  RequestTooLargeError)
+                                  RequestTooLargeError, UnsupportedCodingError)
 from lemonade.server.routes import METHOD_NOT_ALLOWED, Head, Route, RouteTable, default_table
 from lemonade.utils.json_utils import dumps
 from lemonade.utils.http_client import ChunkError, HeaderError, header_lines, next_chunk_size, read_chunk_data
@@ -25,6 +25,7 @@ from lemonade.utils.http_client import ChunkError, HeaderError, header_lines, ne
 log = logging.getLogger(__name__)
 
 MAX_JSON_BODY = 32 * 1024 * 1024  # larger bodies get 413 without being read
+MAX_REQUEST_LINE = 8192  # longer request lines get 414, as cpp-httplib (CPPHTTPLIB_REQUEST_URI_MAX_LENGTH)
 CLIENT_IDLE_TIMEOUT = 60.0  # a silent client cannot pin a handler thread forever
 HANDLER_IDLE_SECONDS = 5.0  # how long a handler thread without a connection waits for the next one
 MAX_IDLE_HANDLERS = 32  # enough for a burst of clients (the web UI, a concurrency test) to find one
@@ -184,8 +185,13 @@ class Handler(BaseHTTPRequestHandler):
         parsing went through `email`). On failure the error answer is sent and False returned."""
         self.command = None
         self.request_version = self.default_request_version
+        self.http_version = (0, 9)
         self.close_connection = True
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        if len(self.requestline) > MAX_REQUEST_LINE:
+            self.requestline = self.requestline[:80]  # what the log shows of it
+            self.send_error(414, f"Request line longer than {MAX_REQUEST_LINE} bytes")
+            return False
         words = self.requestline.split()
         if not words:
             return False
@@ -197,7 +203,7 @@ class Handler(BaseHTTPRequestHandler):
             if version >= (2, 0):
                 self.send_error(505, f"Invalid HTTP version ({words[2]})")
                 return False
-            self.request_version = words[2]
+            self.request_version, self.http_version = words[2], version
             self.close_connection = version < (1, 1)
         elif len(words) != 2 or words[0] != "GET":  # two words: HTTP/0.9, which only knew GET
             self.send_error(400, f"Bad request syntax ({self.requestline!r})")
@@ -250,11 +256,15 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch("TRACE")
 
     def _begin(self, method: str) -> None:
-        """Per-request state; the path is percent-decoded before routing, as httplib does."""
+        """Per-request state; the path is percent-decoded before routing, as httplib does. Raises
+        ValueError for a request target urlsplit refuses, InvalidRequestError for a body whose
+        length cannot be known (`body_framing`)."""
         self.status_sent = 0
+        self.route = None
         self.url_path, self.query = self.path, {}
-        te = self.headers.get("Transfer-Encoding", "").lower()
-        self.body_pending = "chunked" in te or self.headers.get("Content-Length", "0").strip() not in ("", "0")
+        self.body_pending = False
+        self.chunked = body_framing(self.headers, self.http_version)
+        self.body_pending = self.chunked or self.headers.get("Content-Length", "0").strip() not in ("", "0")
         url = urlsplit(self.path)  # may raise ValueError (e.g. "//[": an unclosed IPv6 literal)
         self.url_path, self.query = unquote(url.path), parse_qs(url.query)
         log.debug("[Server PRE-ROUTE] %s %s", method, self.url_path)
@@ -262,9 +272,11 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         try:
             self._begin(method)
-        except ValueError as e:  # urlsplit refused the request target
-            self.close_connection = True
-            self.send_error_exc(InvalidRequestError(f"Malformed request target: {e}"))
+        except (ValueError, LemonadeError) as e:  # a request target urlsplit refused, or bad framing
+            self.close_connection = True  # the body's end is unknown: nothing after it can be read
+            self.body_pending = False
+            error = e if isinstance(e, LemonadeError) else InvalidRequestError(f"Malformed request target: {e}")
+            self.send_error_exc(error)
             self._log_done()
             return
         route, params = self.server.routes.match(method, self.url_path)
@@ -328,7 +340,7 @@ class Handler(BaseHTTPRequestHandler):
     def read_body(self, limit: int = MAX_JSON_BODY) -> bytes:
         """The whole request body. Raises RequestTooLargeError past `limit` without reading it,
         InvalidRequestError when the body ends early, TimeoutError when the client stalls."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        if self.chunked:
             body = self._read_chunked(limit)
         else:
             length = self.content_length()
@@ -455,6 +467,29 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
         log.info("[Server] Error %d: %s", code, message or "bad request")
+
+
+def body_framing(headers: Headers, version: tuple[int, int]) -> bool:
+    """Whether the request body is chunked (else it is Content-Length bytes, or none), by RFC 9112
+    §6.1. Raises InvalidRequestError (400; the caller closes the connection) for Transfer-Encoding
+    together with Content-Length, on an HTTP/1.0 request, or with a final coding other than exactly
+    `chunked` (`chunked, gzip`, `xchunked`, chunked twice); UnsupportedCodingError (501) for a coding
+    before `chunked` (we decode none). http.server would read `chunked, gzip` as chunked and serve a
+    request with both fields, which is how requests are smuggled past a proxy."""
+    fields = headers.get_all("Transfer-Encoding")
+    if not fields:
+        return False
+    if "Content-Length" in headers:
+        raise InvalidRequestError("Request has both Content-Length and Transfer-Encoding")
+    if version < (1, 1):
+        raise InvalidRequestError(f"Transfer-Encoding is not allowed in an HTTP/{version[0]}.{version[1]} request")
+    codings = [c.strip().lower() for field in fields for c in field.split(",")]
+    if codings[-1] != "chunked" or codings.count("chunked") != 1:
+        raise InvalidRequestError(
+            f"Unsupported Transfer-Encoding {', '.join(fields)[:80]!r}: the final coding must be chunked, once")
+    if len(codings) > 1:
+        raise UnsupportedCodingError(f"Transfer coding {codings[0][:40]!r} is not supported")
+    return True
 
 
 def _http_version(word: str) -> tuple[int, int] | None:

@@ -38,7 +38,7 @@ def handle_add_local_model(h, manager) -> None:
     boundary = multipart.boundary_of(h.headers.get("Content-Type", ""))
     if boundary is None:
         raise RegistryError("Request must be multipart/form-data")
-    if "chunked" in h.headers.get("Transfer-Encoding", "").lower():
+    if h.chunked:
         raise LengthRequiredError("Uploads need a Content-Length")
     length = h.content_length()
     if length > MAX_UPLOAD_BYTES:
