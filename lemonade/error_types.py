@@ -103,6 +103,14 @@ class DownloadError(LemonadeError):
     status = 500
 
 
+class NotInRepositoryError(DownloadError):
+    """A pull names a variant or an mmproj file the repository does not have: the request is at fault,
+    so 400 naming it (C++ answers 500 for every pull error)."""
+
+    error_type = "invalid_request"
+    status = 400
+
+
 class OfflineError(DownloadError):
     """A model must be downloaded and offline mode forbids it (HEAD answers 400 `lemond_offline`; C++
     GA ignored the flag and failed on the network)."""

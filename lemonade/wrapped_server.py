@@ -243,10 +243,7 @@ class WrappedServer:
         urls = [f"http://127.0.0.1:{port}{p}" for p in self.health_paths]
         while True:
             if not child.is_alive():
-                tail = child.tail_text()
-                raise ProcessError(
-                    f"{self.server_name} failed to start: process exited with code {child.exit_code()}"
-                    + (f"\n{tail}" if tail else ""))
+                raise self._exited_while_starting(child)
             with self._cond:
                 if not self._is_current(attempt):
                     raise self._stopped_while_starting()
@@ -259,6 +256,19 @@ class WrappedServer:
                 progress(StartProgress("starting", self.model_name, now - started))
                 next_report = now + STARTING_REPORT_SECONDS
             time.sleep(READY_POLL_INTERVAL)
+
+    def _exited_while_starting(self, child: process_manager.Child) -> ProcessError:
+        """The error for a child that exited before it was ready. Its last output goes to the log, not
+        into the answer: it quotes absolute paths and, for a file that is not what it should be, the
+        file's first bytes (llama.cpp's "invalid magic characters"), neither of which a client is owed."""
+        code = child.exit_code()
+        child.output_drained(timeout=1.0)
+        log.error("%s for %s exited with code %s while starting; its last output:", self.server_name,
+                  self.model_name, code)
+        for line in child.output_tail:
+            log.error("  [%s] %s", self.server_name, line)
+        return ProcessError(f"{self.server_name} failed to start: process exited with code {code} "
+                            "(its output is in the server log)")
 
     def stop(self) -> None:
         """Stop the child (TERM, bounded wait, KILL). Blocks for that; safe twice and on a dead child.

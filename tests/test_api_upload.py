@@ -119,8 +119,10 @@ def test_upload_real_gguf_then_chat_and_delete(server, gguf):
 
 def test_junk_gguf_fails_to_start_with_the_real_cause(server):
     """llama-server exits on a file that is not a GGUF. B's chat answers the generic 404 "endpoint does
-    not exist"; we answer 500 process_error with llama-server's exit and the tail of its output."""
-    reply = upload(server, {"model_name": "user.Junk", "recipe": "llamacpp"}, [("junk.gguf", b"not a gguf" * 100)])
+    not exist"; we answer 500 process_error with llama-server's exit code. Its output goes to the
+    server log, not into the answer: it quotes the file's first bytes ("invalid magic characters") and
+    absolute paths (issue 15 item 3)."""
+    reply = upload(server, {"model_name": "user.Junk", "recipe": "llamacpp"}, [("junk.gguf", b"SECRET-BYTES" * 100)])
     assert reply.status_code == 200
     reply = requests.post(server.api + "/chat/completions", timeout=TIMEOUT,
                           json={"model": "user.Junk", "messages": HELLO, "max_tokens": 4})
@@ -128,6 +130,9 @@ def test_junk_gguf_fails_to_start_with_the_real_cause(server):
     error = reply.json()["error"]
     assert error["type"] == "process_error"
     assert error["message"].startswith("llama-server failed to start: process exited with code ")
+    assert "SECR" not in reply.text and server.env["HF_HUB_CACHE"] not in reply.text
+    assert error["message"].endswith("(its output is in the server log)")
+    assert "exited with code" in server.log_text() and "[llama-server]" in server.log_text()
     assert not server.llama_processes()
 
 

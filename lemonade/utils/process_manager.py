@@ -45,6 +45,7 @@ class Child:
     name: str
     popen: subprocess.Popen
     output_tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=OUTPUT_TAIL_LINES))
+    drained: threading.Event = field(default_factory=threading.Event)  # set once the output hit EOF
 
     @property
     def pid(self) -> int:
@@ -58,6 +59,11 @@ class Child:
 
     def tail_text(self) -> str:
         return "\n".join(self.output_tail)
+
+    def output_drained(self, timeout: float) -> bool:
+        """Wait (bounded) until every line the child wrote is in `output_tail`; for a child that has
+        exited, whose last lines may still be in the pipe."""
+        return self.drained.wait(timeout)
 
 
 def spawn(name: str, argv: Sequence[str], env: dict[str, str] | None = None,
@@ -86,12 +92,15 @@ def spawn(name: str, argv: Sequence[str], env: dict[str, str] | None = None,
 def _drain(child: Child, child_log: logging.Logger) -> None:
     # An unread PIPE blocks the child once full: read every line, keep a bounded tail for errors.
     assert child.popen.stdout is not None
-    for raw in child.popen.stdout:
-        line = raw.decode("utf-8", "replace").rstrip()
-        child.output_tail.append(line)
-        if "GET /health" not in line:  # readiness polls would flood the log
-            child_log.debug("[%s] %s", child.name, line)
-    child.popen.stdout.close()
+    try:
+        for raw in child.popen.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            child.output_tail.append(line)
+            if "GET /health" not in line:  # readiness polls would flood the log
+                child_log.debug("[%s] %s", child.name, line)
+        child.popen.stdout.close()
+    finally:
+        child.drained.set()
 
 
 def stop(child: Child, grace: float = STOP_GRACE_SECONDS) -> None:
