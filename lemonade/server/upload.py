@@ -73,7 +73,8 @@ def _store(h, manager, length: int, boundary: str, staging: Path, cache: Path) -
     except (TimeoutError, ConnectionError):
         raise
     except OSError as e:
-        return 500, simple_error_body(f"Failed to upload model: {e}")
+        where = f" ({path_utils.shown_path(e.filename)})" if e.filename else ""
+        return 500, simple_error_body(f"Failed to upload model: {e.strerror or e}{where}")
     return 200, {"message": f"Model {info.name} uploaded and registered successfully", "status": "success"}
 
 

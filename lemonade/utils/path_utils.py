@@ -257,6 +257,20 @@ def runtime_dir() -> Path:
     return _expand(value) if value else Path("/tmp")
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """How an error a client sees names a file of ours: relative to the cache or directory it lies in
+    (`<HF cache>/models--org--name/blobs/….incomplete`, `<lemonade cache>/user_models.json`,
+    `<runtime dir>/lemonade-server.log`), so answers never give away the server's directory layout;
+    any other path is shown as given. No file-system access (nothing is resolved)."""
+    text = os.path.abspath(os.fspath(path))
+    for label, root in (("<HF cache>", hf_cache_dir()), ("<lemonade cache>", lemonade_cache_dir()),
+                        ("<runtime dir>", runtime_dir())):
+        base = os.path.abspath(root)
+        if text == base or text.startswith(base.rstrip(os.sep) + os.sep):
+            return label + text[len(base):]
+    return os.fspath(path)
+
+
 def server_log_path() -> Path:
     """The C++ CLI's server log (cli.md §3): `/tmp/lemonade-server.log`, under `runtime_dir()`."""
     return runtime_dir() / "lemonade-server.log"
