@@ -158,6 +158,44 @@ def test_checks_in_cpp_order(server, fields, files, status, message):
     assert not any(p.name == "escape.gguf" for p in hub(server).parent.rglob("escape.gguf"))
 
 
+LONG = "x" * 300 + ".gguf"
+
+
+@pytest.mark.parametrize("files, message", [
+    ([("d/a\0b.gguf", b"G")], "Invalid file name in upload (NUL character): 'd/a\\x00b.gguf'"),
+    ([("d/" + LONG, b"G")], "File name in upload longer than 255 bytes: " + ("d/" + LONG)[:100] + "…"),
+    ([("d/a.gguf", b"G"), ("d/a.gguf/b.gguf", b"G")],
+     "File name in upload clashes with another file or folder of it: a.gguf/b.gguf"),
+    ([("d/a/b.gguf", b"G"), ("d/a", b"G")], "File name in upload clashes with another file or folder of it: a"),
+    ([("d/a.gguf", b"G"), ("d/a.gguf", b"H")], "File name in upload clashes with another file or folder of it: a.gguf"),
+])
+def test_file_names_no_disk_can_hold_are_400(server, files, message):
+    """Issue 15 item 12: these were 500s (the OS refused them mid-upload)."""
+    reply = upload(server, {"model_name": "user.Names", "recipe": "llamacpp"}, files)
+    assert reply.status_code == 400, reply.text
+    assert reply.json() == {"error": message}
+    assert not leftovers(server) and not (hub(server) / "models--Names").exists()
+    assert requests.get(server.api + "/health", timeout=10).status_code == 200
+
+
+def test_upload_never_replaces_a_hub_download(server, gguf):
+    """Issue 15 item 1: `user.org--repo` maps onto the cache folder `models--org--repo`; C++ B deletes
+    that folder and puts the upload in its place. The hub download must stay whole and usable."""
+    folder = hub(server) / "models--hugginllam--gemma-3-270m-Q4_K_M-GGUF"
+    before = sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*"))
+    reply = upload(server, {"model_name": "user.hugginllam--gemma-3-270m-Q4_K_M-GGUF", "recipe": "llamacpp"},
+                   [("d/tiny.gguf", b"GGUF" * 10)])
+    assert reply.status_code == 409
+    assert reply.json() == {"error": "Model name 'user.hugginllam--gemma-3-270m-Q4_K_M-GGUF' maps onto the "
+                                     "existing cache folder models--hugginllam--gemma-3-270m-Q4_K_M-GGUF; "
+                                     "please use a different name."}
+    assert sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*")) == before
+    assert not leftovers(server)
+    reply = requests.post(server.api + "/chat/completions", timeout=TIMEOUT,
+                          json={"model": DEFAULT_MODEL, "messages": HELLO, "max_tokens": 4})
+    assert reply.status_code == 200 and reply.json()["choices"]
+
+
 def test_not_multipart(server):
     for content_type in ("application/json", "multipart/form-data", "text/plain"):
         reply = requests.post(server.api + "/add-local-model", data=b'{"model_name": "user.x"}',
