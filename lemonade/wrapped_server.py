@@ -345,7 +345,7 @@ class WrappedServer:
             except NetworkError as e:
                 raise self._death_or(e) from e
             if reply.status != 200:  # C++ GA wrapped it and answered 200; we keep the status
-                sink.json(reply.status, backend_error_body(self.server_name, reply.status, reply.body))
+                sink.json(*self.error_reply(reply.status, reply.body))
                 return
             if call.telemetry and isinstance(reply.body, dict):
                 self.telemetry.update(reply.body, streaming=False)
@@ -362,7 +362,7 @@ class WrappedServer:
                 raise self._death_or(e) from e
             finally:
                 response.close()
-            sink.json(response.status_code, backend_error_body(self.server_name, response.status_code, detail))
+            sink.json(*self.error_reply(response.status_code, detail))
             return
         sink.stream_start()
         result = streaming_proxy.relay(response, sink.stream_chunk)
@@ -374,6 +374,21 @@ class WrappedServer:
         elif call.telemetry and result.last_stats_frame:
             self.telemetry.update(result.last_stats_frame, streaming=True)
         sink.stream_end(error)
+
+    def error_reply(self, status: int, response: Any) -> tuple[int, dict[str, Any]]:
+        """(status, body) for the client from a backend's non-200 answer: the backend's status, except
+        that an answer `is_input_error` calls a refused request is a 400 (type invalid_request_error;
+        `details` keep the backend's own status and answer)."""
+        body = backend_error_body(self.server_name, status, response)
+        if status >= 500 and self.is_input_error(status, response):
+            body["error"].update(type="invalid_request_error", status_code=400)
+            return 400, body
+        return status, body
+
+    def is_input_error(self, status: int, response: Any) -> bool:
+        """Whether a 5xx answer is the backend refusing the request's content (a bad field) rather
+        than failing; none by default."""
+        return False
 
     def _death_or(self, error: LemonadeError) -> LemonadeError:
         """A failed call to a child that has just died reports the death (the next request starts
