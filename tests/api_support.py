@@ -133,7 +133,7 @@ def resources(proc: psutil.Process) -> tuple[int, int]:
 
 def settled_resources(proc: psutil.Process, timeout: float = 5.0, quiet: float = 0.3) -> tuple[int, int]:
     """(threads, fds) once the count has not moved for `quiet` seconds (handlers of earlier connections
-    may still be ending, or waiting for a next connection: those end HANDLER_IDLE_SECONDS later)."""
+    may still be ending, or waiting for work: those end connections.WORKER_IDLE_SECONDS later)."""
     last = resources(proc)
     deadline = time.monotonic() + timeout
     quiet_since = time.monotonic()

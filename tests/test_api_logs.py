@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from lemonade.server.httpd import HANDLER_IDLE_SECONDS
+from lemonade.server.connections import WORKER_IDLE_SECONDS as HANDLER_IDLE_SECONDS
 
 from api_support import (settled_resources, assert_cors, not_found, raw_connection, read_response, request_bytes, resources,
                          running_server, server_process, wait_for, wait_for_baseline)

@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from api_support import raw_connection, raw_request, read_response, running_server
+from api_support import raw_connection, raw_request, read_response, running_server, wait_for
 
 LOAD_BODY = b'{"model_name": ""}'  # /load refuses it with its own message: proof the body was read
 CHUNKED_LOAD_BODY = b"12\r\n" + LOAD_BODY + b"\r\n0\r\n\r\n"
@@ -93,7 +93,7 @@ def test_a_request_line_over_8192_bytes_is_414(server):
     assert response.status == 414 and response.getheader("Connection") == "close"
     assert json.loads(response.body) == {"error": {"message": "Request line longer than 8192 bytes",
                                                    "type": "bad_request"}}
-    assert "[Server] Error 414" in server.log_text()
+    wait_for(lambda: "[Server] Error 414" in server.log_text(), 10, what="the 414 in the log")
 
 
 def test_a_long_static_path_under_the_line_bound_is_404(server):

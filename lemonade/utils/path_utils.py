@@ -24,6 +24,7 @@ ENV_FLM = "LEMONADE_FLM"  # explicit flm override (ours)
 ENV_FLM_READY_TIMEOUT = "LEMONADE_FLM_READY_TIMEOUT"  # seconds (ours: tests shorten the deadline)
 ENV_BACKEND_TIMEOUT = "LEMONADE_BACKEND_TIMEOUT"  # seconds a backend may take to answer (ours)
 ENV_CLIENT_TIMEOUT = "LEMONADE_CLIENT_TIMEOUT"  # seconds a client socket may stay silent (ours)
+ENV_HEADER_TIMEOUT = "LEMONADE_HEADER_TIMEOUT"  # seconds a request head may take to arrive whole (ours)
 ENV_LLAMACPP_DOWNLOAD_BASE = "LEMONADE_LLAMACPP_DOWNLOAD_BASE"  # release mirror (ours; C++: github.com)
 ENV_RUNTIME_DIR = "LEMONADE_RUNTIME_DIR"  # locks, PID file, server log (ours; C++: /tmp)
 ENV_CI_MODE = "LEMONADE_CI_MODE"  # no hardware cache (system-info §6)
@@ -197,6 +198,12 @@ def backend_timeout(default: float) -> float:
 def client_timeout(default: float) -> float:
     """`$LEMONADE_CLIENT_TIMEOUT` seconds if it is a positive number, else `default`."""
     return _seconds(ENV_CLIENT_TIMEOUT, default)
+
+
+def header_timeout(default: float) -> float:
+    """`$LEMONADE_HEADER_TIMEOUT` seconds if it is a positive number, else `default` (the whole request
+    head, from its first byte: nginx's client_header_timeout)."""
+    return _seconds(ENV_HEADER_TIMEOUT, default)
 
 
 def hf_download_timeout() -> float:
