@@ -26,6 +26,7 @@ BENCHES = {
     "proxy_overhead": (["--requests", "200"], ["--requests", "200"]),
     "streaming": (["--streams", "20"], ["--streams", "8"]),
     "concurrency": (["--rounds", "10"], ["--rounds", "2"]),
+    "churn": (["--seconds", "60"], ["--seconds", "15"]),
 }
 DOWNLOAD_ARGS = ["--repeat", "1", "--extra-mb", "20"]
 
