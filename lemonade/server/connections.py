@@ -393,6 +393,9 @@ class ConnectionServer:
                 keep = self.serve(conn)
                 while keep and (after := self._linger(conn)) != PARK:  # a client sending request after request
                     keep = after == SERVE and self.serve(conn)
+            except (ConnectionError, TimeoutError) as e:  # the client went away or stalled mid-head
+                log.debug("Connection from %s ended: %r", conn.address, e)
+                keep = False
             except Exception:  # the handler answers its own errors; this is a bug, never a dead worker
                 log.exception("Unhandled error while serving %s", conn.address)
                 keep = False

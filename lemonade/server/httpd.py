@@ -138,7 +138,9 @@ class LemonadeHTTPServer(ThreadingHTTPServer):
 
     def server_close(self) -> None:
         super().server_close()
-        self.connections.close()
+        connections = getattr(self, "connections", None)  # absent when the bind failed in __init__
+        if connections is not None:
+            connections.close()
 
     def _serve_connection(self, conn: Connection) -> bool:
         """On a worker: serve the requests whose heads are here; True to keep the connection."""
