@@ -10,11 +10,13 @@ Each bench prints its figures, and with `--json PATH` writes its rows for `run_a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -163,6 +165,48 @@ class Servers:
         for router in self.routers:
             router.cleanup()
         self.routers.clear()
+
+
+@dataclass
+class Serving:
+    port: int
+    proc: "subprocess.Popen"
+    home: Path
+
+
+@contextlib.contextmanager
+def lemonade_serve(servers: "Servers", label: str, *args: str, user_models: dict | None = None):
+    """`lemonade serve --port P [args]` (the command the README shows) with the harness's HOME and env,
+    the gemma GGUF seeded; yields a `Serving` once /health answers; stops it and its children after."""
+    b = servers.binaries(our_binary("lemonade-router"), our_binary("lemonade-server"), harness.PYTHON)
+    home = harness.make_home(servers.work / label, servers.gguf, "hub-layout")
+    env = harness.make_env(b, home)
+    if user_models:
+        cache = home / ".cache" / "lemonade"
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "user_models.json").write_text(json.dumps(user_models))
+    port = harness.free_port()
+    proc = subprocess.Popen([str(our_binary("lemonade")), "serve", "--port", str(port), *args], env=env,
+                            cwd=str(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL)
+    try:
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"lemonade serve exited with {proc.returncode}")
+            try:
+                return request(port, "GET", "/api/v1/health", timeout=2)[0] == 200
+            except OSError:
+                return False
+
+        harness.wait_for(up, 120, "lemonade serve")
+        yield Serving(port, proc, home)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        harness.kill_all(harness.processes_mentioning(str(home)))
 
 
 def backend_port(router: harness.Router) -> int:

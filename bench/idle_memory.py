@@ -8,7 +8,6 @@ Goal: < 40 MB RSS idle.
 """
 from __future__ import annotations
 
-import subprocess
 import time
 
 import psutil
@@ -46,32 +45,8 @@ def measure(port: int, pid: int, router: c.harness.Router | None, home) -> dict[
 
 def ours_serve(servers: c.Servers) -> dict[str, float]:
     """`lemonade serve --port P` (the command the README shows) with the harness's HOME and env."""
-    b = servers.binaries(c.our_binary("lemonade-router"), c.our_binary("lemonade-server"), c.harness.PYTHON)
-    base = servers.work / "serve"
-    base.mkdir()
-    home = c.harness.make_home(base, servers.gguf, "hub-layout")
-    env = c.harness.make_env(b, home)
-    port = c.harness.free_port()
-    proc = subprocess.Popen([str(c.our_binary("lemonade")), "serve", "--port", str(port)], env=env, cwd=str(home),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    try:
-        def up() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"lemonade serve exited with {proc.returncode}")
-            try:
-                return c.request(port, "GET", "/api/v1/health", timeout=2)[0] == 200
-            except OSError:
-                return False
-
-        c.harness.wait_for(up, 120, "lemonade serve")
-        return measure(port, proc.pid, None, home)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        c.harness.kill_all(c.harness.processes_mentioning(str(home)))
+    with c.lemonade_serve(servers, "serve") as serving:
+        return measure(serving.port, serving.proc.pid, None, serving.home)
 
 
 def main() -> None:

@@ -2,12 +2,14 @@
 children excluded), and the load time of a second model while the first one is idle vs while it serves
 two streaming clients, measured side by side in one run. C++ GA keeps one model, so there is no C++ column.
 
+On 2 cores the second load is slower while the first model generates because both llama-server
+processes want the same cores: starting a bare llama-server while another one streams took 4.4x as long
+as starting it beside an idle one (0.87 s vs 3.79 s), the same order as through the router (~5x).
+
     python bench/multi_model.py [--rounds 3]
 """
 from __future__ import annotations
 
-import json
-import subprocess
 import threading
 import time
 
@@ -42,54 +44,46 @@ def keep_streaming(port: int, stop: threading.Event, served: list[int]) -> None:
             served.append(c.count_frames(raw))
 
 
+def load_while_serving(port: int) -> float:
+    """The second model's load time while two clients keep streaming from the first."""
+    stop, served = threading.Event(), []
+    clients = [threading.Thread(target=keep_streaming, args=(port, stop, served)) for _ in range(2)]
+    for t in clients:
+        t.start()
+    try:
+        c.harness.wait_for(lambda: served, 120, "the first model to serve")
+        return timed_load(port, SECOND)
+    finally:
+        stop.set()
+        for t in clients:
+            t.join()
+
+
 def main() -> None:
     p = c.parser(__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     c.print_header("Second resident model")
     servers = c.Servers()
-    b = servers.binaries(c.our_binary("lemonade-router"), c.our_binary("lemonade-server"), c.harness.PYTHON)
-    home = c.harness.make_home(servers.work / "multi", servers.gguf, "hub-layout")
-    env = c.harness.make_env(b, home)
-    cache = home / ".cache" / "lemonade"
-    cache.mkdir(parents=True, exist_ok=True)
-    (cache / "user_models.json").write_text(json.dumps(
-        {"Second": {"checkpoint": c.harness.CHECKPOINT, "recipe": "llamacpp", "labels": ["custom"]}}))
-    port = c.harness.free_port()
-    proc = subprocess.Popen([str(c.our_binary("lemonade")), "serve", "--port", str(port), "--max-loaded-models",
-                             "2"], env=env, cwd=str(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            stdin=subprocess.DEVNULL)
-    alone, busy, one, two, frames = [], [], [], [], []
+    second = {"Second": {"checkpoint": c.harness.CHECKPOINT, "recipe": "llamacpp", "labels": ["custom"]}}
+    alone, busy, one, two = [], [], [], []
     try:
-        c.harness.wait_for(lambda: _up(port, proc), 120, "lemonade serve")
-        timed_load(port, c.MODEL)
-        c.request(port, "POST", c.chat_path(False), c.chat_body(4, False), c.LOAD_TIMEOUT)
-        for _ in range(args.rounds):
-            time.sleep(SETTLE)
-            one.append(rss_mib(proc.pid))
-            alone.append(timed_load(port, SECOND))
-            c.request(port, "POST", c.chat_path(False), {**c.chat_body(4, False), "model": SECOND}, c.LOAD_TIMEOUT)
-            time.sleep(SETTLE)
-            two.append(rss_mib(proc.pid))
-            unload(port, SECOND)
-            stop, served = threading.Event(), []
-            clients = [threading.Thread(target=keep_streaming, args=(port, stop, served)) for _ in range(2)]
-            for t in clients:
-                t.start()
-            c.harness.wait_for(lambda: served, 120, "the first model to serve")
-            busy.append(timed_load(port, SECOND))
-            stop.set()
-            for t in clients:
-                t.join()
-            frames.append(len(served))
-            unload(port, SECOND)
+        with c.lemonade_serve(servers, "multi", "--max-loaded-models", "2", user_models=second) as serving:
+            port, pid = serving.port, serving.proc.pid
+            timed_load(port, c.MODEL)
+            c.request(port, "POST", c.chat_path(False), c.chat_body(4, False), c.LOAD_TIMEOUT)
+            for _ in range(args.rounds):
+                time.sleep(SETTLE)
+                one.append(rss_mib(pid))
+                alone.append(timed_load(port, SECOND))
+                c.request(port, "POST", c.chat_path(False), {**c.chat_body(4, False), "model": SECOND},
+                          c.LOAD_TIMEOUT)
+                time.sleep(SETTLE)
+                two.append(rss_mib(pid))
+                unload(port, SECOND)
+                busy.append(load_while_serving(port))
+                unload(port, SECOND)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        c.harness.kill_all(c.harness.processes_mentioning(str(home)))
         servers.close()
     rss1, rss2 = c.median(one), c.median(two)
     t_alone, t_busy = c.median(alone), c.median(busy)
@@ -101,15 +95,6 @@ def main() -> None:
               f"{t_alone:.2f} s first idle", f"{t_busy / t_alone:.2f}x"),
     ]
     c.write_rows(args, rows)
-
-
-def _up(port: int, proc: subprocess.Popen) -> bool:
-    if proc.poll() is not None:
-        raise RuntimeError(f"lemonade serve exited with {proc.returncode}")
-    try:
-        return c.request(port, "GET", "/api/v1/health", timeout=2)[0] == 200
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ DEFAULT_PORT = 8000
 DEFAULT_HOST = "localhost"
 DEFAULT_CTX_SIZE = 4096
 COMMANDS = ("serve", "list", "pull", "delete", "run", "status", "stop")
-# Ours (`lemonade` only; `lemonade-server` keeps C++ GA's command set): HEAD's multi-model commands.
-OUR_COMMANDS = ("load", "unload", "pin", "unpin")
+# Ours (`lemonade` only; `lemonade-server` keeps C++ GA's command set): HEAD's multi-model commands,
+# and `rpc-worker` (a llama.cpp RPC worker on this machine, for a server on another).
+OUR_COMMANDS = ("load", "unload", "pin", "unpin", "rpc-worker")
 
 # `lemonade-server` settings read from the environment before argv (tray_app.cpp L511-516, cli.md §4):
 # the names and the reading belong to path_utils; the parsing is here.
@@ -32,6 +33,9 @@ ENV_PORT, ENV_HOST, ENV_CTX_SIZE = path_utils.ENV_PORT, path_utils.ENV_HOST, pat
 ENV_LLAMACPP, ENV_LLAMACPP_ARGS = path_utils.ENV_LLAMACPP, path_utils.ENV_LLAMACPP_ARGS
 ENV_LOG_LEVEL = path_utils.ENV_LOG_LEVEL
 ENV_MAX_LOADED_MODELS, ENV_IDLE_TIMEOUT = path_utils.ENV_MAX_LOADED_MODELS, path_utils.ENV_IDLE_TIMEOUT
+ENV_RPC_WORKERS = path_utils.ENV_RPC_WORKERS
+RPC_WORKER_DEFAULT_HOST = "127.0.0.1"  # rpc-server's own default: it has no authentication
+RPC_WORKER_DEFAULT_PORT = 50052  # rpc-server's own default (llamacpp_rpc.DEFAULT_PORT)
 
 
 
@@ -51,7 +55,8 @@ class ServerConfig(_Record):
 
     def __init__(self, port: int = DEFAULT_PORT, host: str = DEFAULT_HOST, log_level: str = "info",
                  llamacpp: str = "vulkan", ctx_size: int = DEFAULT_CTX_SIZE, llamacpp_args: str = "",
-                 llama_server: str | None = None, max_loaded_models: int = 1, idle_timeout: float = 0.0):
+                 llama_server: str | None = None, max_loaded_models: int = 1, idle_timeout: float = 0.0,
+                 rpc_workers: str = "", log_file: str | None = None):
         self.port = port
         self.host = host
         self.log_level = log_level
@@ -61,6 +66,8 @@ class ServerConfig(_Record):
         self.llama_server = llama_server  # explicit llama-server binary (ours; `lemonade --llama-server`)
         self.max_loaded_models = max_loaded_models  # per model type; -1 = unlimited (HEAD §3.1)
         self.idle_timeout = idle_timeout  # seconds without a request before a model unloads; 0 = never
+        self.rpc_workers = rpc_workers  # llama.cpp RPC workers `host:port,...` for llamacpp models (ours)
+        self.log_file = log_file  # `serve/run --log-file PATH`: the log goes there (appended), not to stdout
 
 
 
@@ -239,7 +246,7 @@ def _env_defaults(config: ServerConfig) -> None:
             if value is not None:
                 setattr(config, attr, value)
     for name, attr in ((ENV_HOST, "host"), (ENV_LOG_LEVEL, "log_level"), (ENV_LLAMACPP, "llamacpp"),
-                       (ENV_LLAMACPP_ARGS, "llamacpp_args")):
+                       (ENV_LLAMACPP_ARGS, "llamacpp_args"), (ENV_RPC_WORKERS, "rpc_workers")):
         if name in env:
             setattr(config, attr, env[name])
     for name, attr in ((ENV_MAX_LOADED_MODELS, "max_loaded_models"), (ENV_IDLE_TIMEOUT, "idle_timeout")):
@@ -276,8 +283,10 @@ def parse_client_args(argv: list[str], extra_value_flags: tuple[str, ...] = ()) 
                 break
         return args
     args.command = argv[0]
+    # `--log-file` is in C++'s help and not parsed there (its value became a positional); ours does
+    # what the help says (cli_parser.md, differences).
     value_flags = {"--log-level": "log_level", "--port": "port", "--host": "host", "--ctx-size": "ctx_size",
-                   "--llamacpp": "llamacpp", "--llamacpp-args": "llamacpp_args",
+                   "--llamacpp": "llamacpp", "--llamacpp-args": "llamacpp_args", "--log-file": "log_file",
                    "--max-loaded-models": "max_loaded_models", "--idle-timeout": "idle_timeout"}
     value_flags.update({flag: flag[2:].replace("-", "_") for flag in extra_value_flags})
     i = 1
@@ -310,6 +319,46 @@ def parse_client_args(argv: list[str], extra_value_flags: tuple[str, ...] = ()) 
     return args
 
 
+class RpcWorkerArgs(_Record):
+    def __init__(self, host: str = RPC_WORKER_DEFAULT_HOST, port: int = RPC_WORKER_DEFAULT_PORT,
+                 threads: int | None = None, log_level: str = "info"):
+        self.host = host
+        self.port = port
+        self.threads = threads
+        self.log_level = log_level
+
+
+RPC_WORKER_USAGE = "rpc-worker [--host ADDRESS] [--port PORT] [--threads N] [--log-level LEVEL]"
+
+
+def parse_rpc_worker_args(tokens: list[str]) -> RpcWorkerArgs:
+    """`rpc-worker`'s own options (the tray scan's `--host`/`--port` would take the server's
+    defaults and `$LEMONADE_HOST`/`$LEMONADE_PORT`, which are not the worker's). Raises UsageError
+    (exit 1) on an unknown option, a missing value or a number that is not one."""
+    args = RpcWorkerArgs()
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        name, eq, inline = token.partition("=")
+        if name not in ("--host", "--port", "--threads", "--log-level"):
+            raise UsageError(f"Error: unexpected argument '{token}' for rpc-worker\nUsage: lemonade {RPC_WORKER_USAGE}", 1)
+        if eq:
+            value, i = inline, i + 1
+        elif i + 1 < len(tokens):
+            value, i = tokens[i + 1], i + 2
+        else:
+            raise UsageError(f"Error: {name} needs a value\nUsage: lemonade {RPC_WORKER_USAGE}", 1)
+        if name in ("--port", "--threads"):
+            if not re.fullmatch(r"\d+", value):
+                raise UsageError(f"Error: {name} expects a whole number, got '{value}'", 1)
+            setattr(args, name[2:], int(value))
+        elif name == "--log-level" and value not in LOG_LEVELS:
+            raise UsageError(f"Error: --log-level must be one of {', '.join(LOG_LEVELS)}, got '{value}'", 1)
+        else:
+            setattr(args, name[2:].replace("-", "_"), value)
+    return args
+
+
 def client_help(prog: str, serve_options: bool, ours: bool) -> str:
     """Help text of tray_app.cpp print_usage (L577-609), with `prog` for the program name."""
     lines = [f"{prog} - Lemonade Server", "", f"Usage: {prog} <command> [options]", "", "Commands:",
@@ -324,16 +373,24 @@ def client_help(prog: str, serve_options: bool, ours: bool) -> str:
         lines += ["  load <model> [--pinned]  Load a model on the running server",
                   "  unload [<model>]         Unload one model, or every model",
                   "  pin <model>              Keep a loaded model resident (never evicted)",
-                  "  unpin <model>            Let a pinned model be evicted again"]
+                  "  unpin <model>            Let a pinned model be evicted again",
+                  "  rpc-worker [--host H] [--port P] [--threads N]",
+                  "                           Run a llama.cpp RPC worker (rpc-server) for a server on",
+                  "                           another machine (default 127.0.0.1:50052; it has no",
+                  "                           authentication: bind a trusted network's address only)"]
     lines.append("")
     if serve_options:
+        # `lemonade-server` keeps C++'s bytes; `lemonade` states what it does: `localhost` (bound as
+        # 127.0.0.1) is the default everywhere else, and where the log goes.
+        host_default, log_file = ("localhost", "Write the log to PATH (appended), not the console") if ours \
+            else ("127.0.0.1", "Log file path")
         lines += ["Serve Options:",
                   "  --port PORT              Server port (default: 8000)",
-                  "  --host HOST              Server host (default: 127.0.0.1)",
+                  f"  --host HOST              Server host (default: {host_default})",
                   "  --ctx-size SIZE          Context size (default: 4096)",
                   "  --llamacpp BACKEND       LlamaCpp backend: vulkan, rocm, metal (default: vulkan)",
                   "  --llamacpp-args ARGS     Custom arguments for llama-server",
-                  "  --log-file PATH          Log file path",
+                  f"  --log-file PATH          {log_file}",
                   "  --log-level LEVEL        Log level: info, debug, trace (default: info)",
                   "  --no-tray                Start server without tray (default on Linux)"]
         if ours:
@@ -341,7 +398,9 @@ def client_help(prog: str, serve_options: bool, ours: bool) -> str:
                       "  --max-loaded-models N    Models resident per type: llm, embedding, reranking",
                       "                           (default: 1, -1 = unlimited; $LEMONADE_MAX_LOADED_MODELS)",
                       "  --idle-timeout SECONDS   Unload a model unused this long (default: 0 = never;",
-                      "                           $LEMONADE_IDLE_TIMEOUT)"]
+                      "                           $LEMONADE_IDLE_TIMEOUT)",
+                      "  --rpc-workers H:P,...    llama.cpp RPC workers for llamacpp models",
+                      "                           ($LEMONADE_RPC_WORKERS)"]
         lines.append("")
     lines += ["  --help, -h               Show this help message", "  --version, -v            Show version", ""]
     return "\n".join(lines)
@@ -351,12 +410,13 @@ def _dispatch(prog: str, args: ClientArgs) -> int:
     from lemonade import server_manager
 
     command, rest, config = args.command, args.positionals, args.config
+    ours = prog != "lemonade-server"  # `lemonade` adds the loaded models to status, sizes to list
     if command == "status":
-        return server_manager.status()
+        return server_manager.status(loaded_models=ours)
     if command == "stop":
         return server_manager.stop()
     if command == "list":
-        return server_manager.list_models(config)
+        return server_manager.list_models(config, with_sizes=ours)
     if command == "pull":
         return server_manager.pull(config, rest, prog)
     if command == "delete":
@@ -368,11 +428,26 @@ def _dispatch(prog: str, args: ClientArgs) -> int:
     return server_manager.run(config, rest, prog)
 
 
+def _parse_for(prog: str, argv: list[str]) -> ClientArgs:
+    """`parse_client_args` with the flags of `prog`: `lemonade` adds `--llama-server`, and
+    `--rpc-workers` for serve and run (after `pull` it is the model's own list). Raises UsageError."""
+    ours = prog != "lemonade-server"
+    serving = bool(argv) and argv[0] in ("serve", "run")
+    extra = ("--llama-server",) + (("--rpc-workers",) if serving else ()) if ours else ()
+    return parse_client_args(argv, extra)
+
+
 def main_client(prog: str, argv: list[str]) -> int:
     """`lemonade-server` and `lemonade`: parse, pre-dispatch checks (L266-322), run one command."""
     ours = prog != "lemonade-server"
+    if ours and argv[:1] == ["rpc-worker"]:
+        return _rpc_worker(prog, argv[1:])
     try:
-        args = parse_client_args(argv, ("--llama-server",) if ours else ())
+        args = _parse_for(prog, argv)
+        if ours and not (args.command or args.show_help or args.show_version):
+            # `lemonade` alone (or with serve flags only) serves, as the help says of `serve`.
+            # `lemonade-server` keeps C++'s "No command specified" (cli_parser.md, differences).
+            args = _parse_for(prog, ["serve", *argv])
     except UsageError as e:
         print(e.message, file=sys.stderr)
         return e.code
@@ -394,6 +469,35 @@ def main_client(prog: str, argv: list[str]) -> int:
         return _dispatch(prog, args)
     except KeyboardInterrupt:  # Ctrl+C during list/pull/delete/stop: no traceback
         return 130
+
+
+def _rpc_worker(prog: str, tokens: list[str]) -> int:
+    """`lemonade rpc-worker`: parsed on its own (see `parse_rpc_worker_args`), then run until Ctrl+C."""
+    if "--help" in tokens or "-h" in tokens:
+        print(f"Usage: {prog} {RPC_WORKER_USAGE}\n\n{RPC_WORKER_HELP}")
+        return 0
+    try:
+        args = parse_rpc_worker_args(tokens)
+    except UsageError as e:
+        print(e.message, file=sys.stderr)
+        return e.code
+    from lemonade import server_manager
+
+    try:
+        return server_manager.rpc_worker(args.host, args.port, args.threads, args.log_level)
+    except KeyboardInterrupt:
+        return 130
+
+
+RPC_WORKER_HELP = f"""\
+Runs llama.cpp's rpc-server from the llama.cpp install, so that a lemonade server on another machine
+can put a model's layers here (`lemonade serve --rpc-workers THIS_ADDRESS:PORT`). Stops on Ctrl+C.
+
+  --host ADDRESS    IPv4 address to listen on (default: {RPC_WORKER_DEFAULT_HOST}). rpc-server has no
+                    authentication: listen only on a trusted network's address (or 0.0.0.0 there).
+  --port PORT       TCP port (default: {RPC_WORKER_DEFAULT_PORT})
+  --threads N       CPU threads (default: rpc-server's)
+  --log-level LEVEL {", ".join(LOG_LEVELS)} (default: info; debug shows rpc-server's output)"""
 
 
 def main_lemonade() -> None:

@@ -35,6 +35,18 @@ class ModelNotFoundError(LemonadeError):
         self.name = name
 
 
+class ModelNotDownloadedError(LemonadeError):
+    """A delete of a known model that has nothing on disk. C++ answers "Deleted model" here; we say
+    that nothing was deleted, with the status C++ gives a delete of an unknown model."""
+
+    error_type = "not_found"
+    status = 422
+
+    def __init__(self, name: str):
+        super().__init__(f"Model {name} is not downloaded: nothing to delete")
+        self.name = name
+
+
 class ModelNotLoadedError(LemonadeError):
     error_type = "model_not_loaded"
     status = 400
@@ -83,6 +95,29 @@ class UnsupportedOperationError(LemonadeError):
 class BackendError(LemonadeError):
     error_type = "backend_error"
     status = 502
+
+
+class UpstreamError(BackendError):
+    """A remote upstream answered with an error: its own status is ours, so a refused key stays a 401."""
+
+    error_type = "upstream_error"
+
+    def __init__(self, message: str, status: int, details: dict[str, Any] | None = None):
+        super().__init__(message, details)
+        self.status = status
+
+
+class RpcWorkerError(BackendError):
+    """A llama.cpp RPC worker a model needs is down, unreachable or busy, or was lost while in use."""
+
+    error_type = "rpc_worker_error"
+
+
+class ConfigurationError(LemonadeError):
+    """A setting the server was given cannot work (e.g. a model's API key variable is not set)."""
+
+    error_type = "configuration_error"
+    status = 500
 
 
 class NetworkError(LemonadeError):
@@ -192,6 +227,23 @@ def backend_error_body(server_name: str, status: int, response: Any) -> dict[str
     if "code" in error:
         body["code"] = error["code"]
     return {"error": body}
+
+
+UNSUPPORTED_ERROR_TYPES = frozenset({"not_supported_error", "unsupported_operation"})
+
+
+def backend_status_for_client(status: int, response: Any) -> int:
+    """The status a client gets for a backend's non-200 answer: the backend's own, except that a
+    5xx meaning "this model does not do that" (llama-server's 501 `not_supported_error`, e.g.
+    embeddings from a server started without `--embeddings`) becomes 400. SDKs retry every 5xx
+    (the openai client twice, with backoff), and no retry can help here; the body keeps the
+    backend's status in `status_code`."""
+    if status == 501:
+        return 400
+    error = response.get("error") if isinstance(response, dict) else None
+    if status >= 500 and isinstance(error, dict) and error.get("type") in UNSUPPORTED_ERROR_TYPES:
+        return 400
+    return status
 
 
 class NoModelError(InvalidRequestError):

@@ -57,8 +57,9 @@ def _indented(text: str) -> str:
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def configure_logging(level: str) -> None:
-    """Log to stdout at `level`; an unknown level (the C++ client passes it on unchecked) means info.
+def configure_logging(level: str, log_file: str | None = None) -> None:
+    """Log to stdout at `level`, or append to `log_file` (`serve --log-file`) instead; an unknown level
+    (the C++ client passes it on unchecked) means info. Raises OSError when `log_file` cannot be opened.
 
     Called by every server entry point (`lemonade-router`, `serve`, `run`) before the first console line.
     stdout and stderr become line-buffered, so each line reaches a pipe as it is printed, as C++ ends
@@ -71,7 +72,10 @@ def configure_logging(level: str) -> None:
             stream.reconfigure(line_buffering=True)
     numeric = {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING,
                "info": logging.INFO, "debug": logging.DEBUG, "trace": logging.DEBUG}.get(level, logging.INFO)
-    handler = logging.StreamHandler(sys.stdout)
+    if log_file:
+        handler: logging.Handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(one_line_formatter())
     logging.basicConfig(level=numeric, handlers=[handler])
     if numeric > logging.DEBUG:

@@ -13,9 +13,12 @@ Decisions are pure functions, table-tested and free of logging (llama-swap's `Ev
 one) and `idle_victims` (the idle unload). The log line comes when a decision is carried out.
 Limits: `max_loaded` models per type (llm, embedding, reranking; -1 = unlimited; 1 keeps C++ GA's
 one-model behaviour for chat models) and an optional idle timeout.
+Unmetered models (a remote upstream: `WrappedServer.unmetered`) use nothing on this machine: as HEAD's
+cloud models they sit in no pool, never count against one, and are never evicted or idle-unloaded.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -28,7 +31,7 @@ from lemonade.error_types import (ModelBusyError, ModelNotLoadedError, ModelNotL
                                   NoModelError, ProcessError, SlotsPinnedError)
 from lemonade.model_manager import ModelInfo, ModelManager
 from lemonade.utils import path_utils
-from lemonade.wrapped_server import BackendCall, ReplySink, WrappedServer
+from lemonade.wrapped_server import Answered, BackendCall, CallFigures, ReplySink, Totals, WrappedServer
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ class SlotView:
     last_use: float
     busy: bool  # serving a request, or still loading
     pinned: bool
+    unmetered: bool = False  # in no pool: counts against none, never evicted (a remote upstream)
 
 
 @dataclass(frozen=True)
@@ -62,10 +66,14 @@ class EvictionPlan:
     pinned_full: bool = False  # every model that would have to go is pinned: refuse
 
 
-def plan_eviction(target: str, target_type: str, slots: list[SlotView], limit: int) -> EvictionPlan:
+def plan_eviction(target: str, target_type: str, slots: list[SlotView], limit: int,
+                  unmetered: bool = False) -> EvictionPlan:
     """Room for `target` in its type's pool: the least recently used unpinned, idle models give way.
+    An `unmetered` target needs no room, and unmetered slots are nobody's peers.
     Pure: no state, no logging (it runs again after every wait)."""
-    peers = [s for s in slots if s.model_type == target_type and s.name != target]
+    if unmetered:
+        return EvictionPlan()
+    peers = [s for s in slots if s.model_type == target_type and s.name != target and not s.unmetered]
     if limit < 0 or len(peers) < limit:
         return EvictionPlan()
     need = len(peers) + 1 - limit
@@ -79,10 +87,11 @@ def plan_eviction(target: str, target_type: str, slots: list[SlotView], limit: i
 
 
 def idle_victims(slots: list[SlotView], now: float, idle_timeout: float) -> list[str]:
-    """Models unused for `idle_timeout` seconds that are neither busy nor pinned. Pure."""
+    """Models unused for `idle_timeout` seconds that are neither busy, pinned nor unmetered. Pure."""
     if idle_timeout <= 0:
         return []
-    return [s.name for s in slots if not s.busy and not s.pinned and now - s.last_use >= idle_timeout]
+    return [s.name for s in slots
+            if not s.busy and not s.pinned and not s.unmetered and now - s.last_use >= idle_timeout]
 
 
 @dataclass
@@ -105,7 +114,7 @@ class Slot:
 
     def view(self) -> SlotView:
         return SlotView(self.name, self.model_type, self.last_use, self.loading or self.in_flight > 0,
-                        self.pinned)
+                        self.pinned, self.backend.unmetered)
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,25 @@ class LoadedModel:
     last_use: float
 
 
+@dataclass
+class ModelUsage:
+    """What `/metrics` reports of one model seen since the server started (kept after an unload, as HEAD
+    keeps its per-model telemetry records)."""
+
+    info: ModelInfo
+    last: CallFigures | None = None  # the figures of its last answer that reported any
+    totals: Totals = field(default_factory=Totals)
+    loads: int = 0
+    load_seconds: float = 0.0  # its last load: from the start of the child to healthy (ours; HEAD has none)
+
+
+@dataclass(frozen=True)
+class UsageSnapshot:
+    models: list[ModelUsage]  # copies, in the order the models were first seen
+    totals: Totals  # every model together
+    loaded: list[LoadedModel]
+
+
 class Router:
     def __init__(self, models: ModelManager, options: LlamaCppOptions, limits: Limits = Limits(),
                  recipes: Callable[[str], RecipeSpec] = spec_for):
@@ -131,6 +159,9 @@ class Router:
         self._slots: dict[str, Slot] = {}
         self._closed = False
         self._load_locks: dict[str, threading.Lock] = {}  # one per model name; guarded by _table
+        self._usage_lock = threading.Lock()  # guards _usage and _totals (never held across I/O)
+        self._usage: dict[str, ModelUsage] = {}
+        self._totals = Totals()
         if limits.idle_timeout > 0:
             threading.Thread(target=self._unload_idle_forever, name="idle-unload", daemon=True).start()
 
@@ -157,36 +188,44 @@ class Router:
 
     # -- load and use ------------------------------------------------------------------------------
 
-    def load(self, name: str, pinned: bool | None = None,
-             progress: Callable | None = None) -> tuple[ModelInfo, bool]:
+    def load(self, name: str, pinned: bool | None = None, progress: Callable | None = None,
+             ctx_size: int | None = None) -> tuple[ModelInfo, bool]:
         """Load `name` unless it is loaded; returns (info, was_already_loaded). `pinned` sets the pin
-        (None keeps it). Blocks for a download and a start. Raises ModelNotFoundError,
-        SlotsPinnedError, ModelBusyError, download and start errors."""
-        slot, already = self._acquire(name, progress, for_request=False, pinned=pinned)
+        (None keeps it). `ctx_size` overrides the server's context size for this load only; a model
+        already loaded keeps the one it has (HEAD's auto-load, spec head §5). Blocks for a download
+        and a start. Raises ModelNotFoundError, SlotsPinnedError, ModelBusyError, download and start
+        errors."""
+        slot, already = self._acquire(name, progress, for_request=False, pinned=pinned, ctx_size=ctx_size)
         return slot.info, already
 
     def forward(self, name: str | None, call: BackendCall, sink: ReplySink,
                 progress: Callable | None = None) -> None:
         """Send `call` to model `name` (None: the most recently used model), loading it first if
-        needed, and deliver the answer to `sink`. The model cannot be evicted while this runs.
-        Raises NoModelError, the load errors, and the backend's (see `WrappedServer.forward`)."""
+        needed, and deliver the answer to `sink`. The model cannot be evicted while this runs. An answered
+        call is counted for `/metrics` (`usage`). Raises NoModelError, the load errors, and the
+        backend's (see `WrappedServer.forward`)."""
         if name is None:
             current = self.most_recent()
             if current is None:
                 raise NoModelError()
             name = current.name
+        if call.reply_model is None:
+            call.reply_model = name  # answers name the model as the client asked for it (HEAD §7.2)
         slot, _ = self._acquire(name, progress, for_request=True, stream=call.stream)
         try:
-            slot.backend.forward(call, sink)
+            answered = slot.backend.forward(call, sink)
         finally:
             with self._table:
                 slot.in_flight -= 1
-                slot.streams -= 1 if call.stream else 0
+                if call.stream:
+                    slot.streams -= 1
                 slot.last_use = time.monotonic()
                 self._table.notify_all()
+        if answered is not None:
+            self._record_answer(slot.info, answered)
 
     def _acquire(self, name: str, progress: Callable | None, for_request: bool, stream: bool = False,
-                 pinned: bool | None = None) -> tuple[Slot, bool]:
+                 pinned: bool | None = None, ctx_size: int | None = None) -> tuple[Slot, bool]:
         """The ready slot of `name`, counted as in use when `for_request`; (slot, was_loaded)."""
         slot = self._take_if_ready(name, for_request, stream, pinned)
         if slot is not None:
@@ -195,7 +234,7 @@ class Router:
             slot = self._take_if_ready(name, for_request, stream, pinned)  # loaded by another meanwhile
             if slot is not None:
                 return slot, True
-            slot = self._load(name, progress, pinned)
+            slot = self._load(name, progress, pinned, ctx_size)
             with self._table:
                 if self._slots.get(name) is not slot:  # unloaded the moment it became ready
                     raise ProcessError(f"Model {name} was unloaded while it loaded")
@@ -218,13 +257,14 @@ class Router:
             slot.pinned = pinned
         if for_request:
             slot.in_flight += 1
-            slot.streams += 1 if stream else 0
+            if stream:
+                slot.streams += 1
 
     def _load_lock(self, name: str) -> threading.Lock:
         with self._table:
             return self._load_locks.setdefault(name, threading.Lock())
 
-    def _load(self, name: str, progress: Callable | None, pinned: bool | None) -> Slot:
+    def _load(self, name: str, progress: Callable | None, pinned: bool | None, ctx_size: int | None) -> Slot:
         """Download if needed, make room, start. Runs under `name`'s load lock only."""
         info = self.models.get_model(name)
         self._drop_dead(name)
@@ -235,10 +275,12 @@ class Router:
             files = self.models.model_files(info)
             if files is None:
                 raise ProcessError(f"Model {name} was pulled but its files are not complete in the cache")
-        backend = self.recipes(info.recipe).make_backend(info, files, self.options)
+        options = self.options if ctx_size is None else dataclasses.replace(self.options, ctx_size=ctx_size)
+        backend = self.recipes(info.recipe).make_backend(info, files, options)
         slot = Slot(info, backend, pinned=bool(pinned))
         self._make_room(slot)
         log.info("Loading model %s (%s)", name, info.checkpoint)
+        started = time.monotonic()
         try:
             backend.ensure_ready(progress)
         except BaseException:
@@ -247,6 +289,7 @@ class Router:
                     del self._slots[name]
                 self._table.notify_all()
             raise
+        self._record_load(info, time.monotonic() - started)
         with self._table:
             slot.loading = False
             slot.last_use = time.monotonic()
@@ -275,7 +318,8 @@ class Router:
                 if self._closed:
                     raise ProcessError("Server is shutting down")
                 views = [s.view() for s in self._slots.values()]
-                plan = plan_eviction(slot.name, slot.model_type, views, self.limits.max_loaded)
+                plan = plan_eviction(slot.name, slot.model_type, views, self.limits.max_loaded,
+                                     slot.backend.unmetered)
                 if plan.pinned_full:
                     raise SlotsPinnedError(f"{RESIDENCY_CLASS}/{slot.model_type}")
                 if not plan.wait_for:
@@ -293,6 +337,37 @@ class Router:
             log.info("Unloading %s (least recently used %s model) to load %s", victim.name,
                      victim.model_type, slot.name)
             victim.backend.stop()
+
+    # -- usage counters (`/metrics`) ------------------------------------------------------------------
+
+    def _model_usage(self, info: ModelInfo) -> ModelUsage:
+        """Under _usage_lock."""
+        usage = self._usage.get(info.name)
+        if usage is None:
+            usage = self._usage[info.name] = ModelUsage(info)
+        return usage
+
+    def _record_answer(self, info: ModelInfo, answered: Answered) -> None:
+        with self._usage_lock:
+            usage = self._model_usage(info)
+            usage.totals.add(answered.figures)
+            self._totals.add(answered.figures)
+            if answered.figures is not None:
+                usage.last = answered.figures
+
+    def _record_load(self, info: ModelInfo, seconds: float) -> None:
+        with self._usage_lock:
+            usage = self._model_usage(info)
+            usage.loads += 1
+            usage.load_seconds = seconds
+
+    def usage(self) -> UsageSnapshot:
+        """Counters of every model seen since start, and the loaded models; copies, safe to read."""
+        loaded = self.loaded()
+        with self._usage_lock:
+            models = [dataclasses.replace(u, totals=dataclasses.replace(u.totals)) for u in self._usage.values()]
+            totals = dataclasses.replace(self._totals)
+        return UsageSnapshot(models, totals, loaded)
 
     # -- unload and pin ----------------------------------------------------------------------------
 

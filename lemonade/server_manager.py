@@ -27,9 +27,13 @@ STOP_WAIT = 5.0  # C++ terminate wait: 50 polls of 100 ms (tray_app.cpp L1283-13
 STOP_POLL = 0.1
 RULE = "-" * 100
 PULL_USAGE = "pull <model_name> [--checkpoint CHECKPOINT] [--recipe RECIPE] [--reasoning] [--vision] [--mmproj MMPROJ]"
+PULL_VALUE_OPTIONS = ("--checkpoint", "--recipe", "--mmproj")  # C++'s
+# ours (not in the usage line, which is C++'s): a remote upstream's and an RPC model's settings
+PULL_SETTINGS = {"--base-url": "base_url", "--api-key-env": "api_key_env", "--rpc-workers": "rpc_workers"}
 DELETE_USAGE = "delete <model_name>"
 RUN_USAGE = "run <model_name>"
 NO_BROWSER_NOTE = "Not opening a browser: "  # + the reason; stderr, once the model is loaded
+KEY_HINT = "LEMONADE_ADMIN_API_KEY or LEMONADE_API_KEY"  # named in the message of a 401
 
 
 class HttpFailure(Exception):
@@ -60,7 +64,7 @@ def request(host: str, port: int, method: str, path: str, body: dict | None = No
     import urllib.request
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(_url(host, port, path), data=data, method=method,
-                                 headers={"Content-Type": "application/json"} if data else {})
+                                 headers=request_headers(data is not None))
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
     try:
         with opener.open(req, timeout=timeout) as response:
@@ -68,9 +72,24 @@ def request(host: str, port: int, method: str, path: str, body: dict | None = No
                 return _read_events(response, on_event)
             return json.loads(response.read() or b"null")
     except urllib.error.HTTPError as e:
-        raise HttpFailure(_error_message(e.code, e.read())) from None
+        message = _error_message(e.code, e.read())
+        if e.code == 401:
+            message += f" (set {KEY_HINT} to the server's key)"
+        raise HttpFailure(message) from None
     except (urllib.error.URLError, OSError, ValueError):
         raise HttpFailure("HTTP request failed: connection error") from None
+
+
+def request_headers(json_body: bool) -> dict[str, str]:
+    """Content type, and the key as lemonade HEAD's CLI sends it: `Authorization: Bearer`, the admin key
+    when one is set (it opens every route), else the API key (`path_utils.client_api_key`)."""
+    from lemonade.utils import path_utils
+
+    headers = {"Content-Type": "application/json"} if json_body else {}
+    key = path_utils.client_api_key()
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return headers
 
 
 def _read_events(response, on_event) -> Any:
@@ -111,14 +130,42 @@ def _error_message(status: int, raw: bytes) -> str:
 # -- status / stop ----------------------------------------------------------------------------
 
 
-def status() -> int:
-    """cli.md §6 status: PID-file discovery only; the configured port plays no part."""
+def status(loaded_models: bool = False) -> int:
+    """cli.md §6 status: PID-file discovery only; the configured port plays no part. With
+    `loaded_models` (`lemonade`; `lemonade-server` keeps C++'s one line) the table of loaded models
+    follows, from `/health` (as `ollama ps`, HEAD's `lemonade status`). The exit code stays the PID
+    file's answer, so `status` needs no key: when `/health` refuses (a key is required) or fails, stderr
+    says why the table is missing."""
     info = single_instance.find_server()
     if info is None:
         print("Server is not running")
         return 1
-    print(f"Server is running on port {info.port}")
+    print(f"Server is running on port {info.port}", flush=True)
+    if not loaded_models:
+        return 0
+    try:
+        health = request(*_target(info), "GET", "/api/v1/health")
+    except HttpFailure as e:
+        print(f"Loaded models not shown: {e}", file=sys.stderr)
+        return 0
+    print(format_loaded_table(health if isinstance(health, dict) else {}))
     return 0
+
+
+def format_loaded_table(health: dict) -> str:
+    """The loaded models of a `/health` answer: HEAD's `all_models_loaded`, else GA's `model_loaded`."""
+    loaded = health.get("all_models_loaded")
+    if not isinstance(loaded, list):
+        name = health.get("model_loaded")
+        loaded = [{"model_name": name, "checkpoint": health.get("checkpoint_loaded")}] if name else []
+    if not loaded:
+        return "No models loaded."
+    lines = [f"{'Model':<40}{'Type':<11}{'Device':<8}{'Recipe':<10}Checkpoint"]
+    for m in loaded:
+        name = f"{m.get('model_name', '?')}{' (pinned)' if m.get('pinned') else ''}"
+        lines.append(f"{name:<40}{m.get('type', '-')!s:<11}{m.get('device', '-')!s:<8}"
+                     f"{m.get('recipe', '-')!s:<10}{m.get('checkpoint') or '-'}")
+    return "\n".join(lines)
 
 
 def stop() -> int:
@@ -126,7 +173,9 @@ def stop() -> int:
     survivors at the deadline (C++ `execute_stop_command`, Linux branch). Always exits 0, as C++.
 
     Our server stops its own children on SIGTERM, so only the server is signalled first; its children
-    are remembered beforehand so a force-kill still reaches them after they are reparented."""
+    are remembered beforehand so a force-kill still reaches them after they are reparented. A signal
+    needs no API key: the operating system already limits it to the server's owner, which is the right
+    judge for a local stop (`/internal/shutdown` with the admin key is the way for remote clients)."""
     import psutil
 
     info = single_instance.find_server()
@@ -188,14 +237,37 @@ def _alive(processes: list) -> list:
 # -- list / pull / delete ---------------------------------------------------------------------
 
 
-def format_model_table(entries: list[dict]) -> str:
-    """C++ list table (tray_app.cpp L827-843): id padded to 40 (never cut), Yes/No padded to 12, recipe."""
-    lines = [f"{'Model Name':<40}{'Downloaded':<12}Details", RULE]
+def format_model_table(entries: list[dict], sizes: dict[str, str] | None = None) -> str:
+    """C++ list table (tray_app.cpp L827-843): id padded to 40 (never cut), Yes/No padded to 12, recipe.
+    With `sizes` (`lemonade list`) a `Size (GB)` column comes before the recipe, as HEAD's list."""
+    size_head = f"{'Size (GB)':<11}" if sizes is not None else ""
+    lines = [f"{'Model Name':<40}{'Downloaded':<12}{size_head}Details", RULE]
     for entry in entries:
         downloaded = "Yes" if entry.get("downloaded") is True else "No"
-        lines.append(f"{entry.get('id', 'unknown')!s:<40}{downloaded:<12}{entry.get('recipe', '-')!s}")
+        size = f"{sizes.get(str(entry.get('id')), '-'):<11}" if sizes is not None else ""
+        lines.append(f"{entry.get('id', 'unknown')!s:<40}{downloaded:<12}{size}{entry.get('recipe', '-')!s}")
     lines.append(RULE)
     return "\n".join(lines)
+
+
+def model_sizes(entries: list[dict]) -> dict[str, str]:
+    """Size in GB per listed model: the bytes on disk for a downloaded one, else the registry's figure
+    (the download size), else nothing. Read from this machine's cache and registry; stats files only."""
+    from lemonade.backends import registry
+
+    models = registry.model_manager()
+    known = models.supported_models()
+    sizes = {}
+    for entry in entries:
+        info = known.get(str(entry.get("id")))
+        if info is None:
+            continue
+        on_disk = models.disk_usage(info) if entry.get("downloaded") is True else None
+        if on_disk is not None:
+            sizes[info.name] = f"{on_disk / 1e9:.2f}"
+        elif isinstance(info.size, (int, float)):
+            sizes[info.name] = f"{info.size:.2f}"
+    return sizes
 
 
 def _local_model_entries() -> list[dict]:
@@ -211,8 +283,9 @@ def _target(info: single_instance.ServerInfo) -> tuple[str, int]:
     return info.host, info.port
 
 
-def list_models(config) -> int:
-    """cli.md §6 list: from the discovered server, else computed in this process (same table)."""
+def list_models(config, with_sizes: bool = False) -> int:
+    """cli.md §6 list: from the discovered server, else computed in this process (same table).
+    `with_sizes` (`lemonade`) adds the Size (GB) column; `lemonade-server` keeps C++'s table."""
     from lemonade.error_types import LemonadeError
 
     info = single_instance.find_server()
@@ -225,10 +298,11 @@ def list_models(config) -> int:
             entries = answer["data"]
         else:
             entries = _local_model_entries()
+        sizes = model_sizes(entries) if with_sizes else None
     except (HttpFailure, LemonadeError) as e:
         print(f"Error listing models: {e}", file=sys.stderr)
         return 1
-    print(format_model_table(entries))
+    print(format_model_table(entries, sizes))
     return 0
 
 
@@ -246,8 +320,11 @@ def pull_body(name: str, options: list[str]) -> dict[str, Any]:
     while i < len(options):
         token = options[i]
         key = token[2:]
-        if token in ("--checkpoint", "--recipe", "--mmproj") and i + 1 < len(options):
+        if token in PULL_VALUE_OPTIONS and i + 1 < len(options):
             body[key] = options[i + 1]
+            i += 1
+        elif token in PULL_SETTINGS and i + 1 < len(options):
+            body[PULL_SETTINGS[token]] = options[i + 1]
             i += 1
         elif token in ("--reasoning", "--vision"):
             body[key] = True
@@ -279,7 +356,8 @@ def pull(config, positionals: list[str], prog: str) -> int:
             registry.model_manager().download(model, checkpoint=body.get("checkpoint", ""),
                                     recipe=body.get("recipe", ""), reasoning=bool(body.get("reasoning")),
                                     vision=bool(body.get("vision")), mmproj=body.get("mmproj", ""),
-                                    progress=_progress_printer())
+                                    progress=_progress_printer(),
+                                    settings={k: body[k] for k in PULL_SETTINGS.values() if k in body})
     except (HttpFailure, LemonadeError) as e:
         print(f"Error pulling model: {e}", file=sys.stderr)
         return 1
@@ -389,16 +467,27 @@ def _take_server_lock(prog: str) -> bool:
     return True
 
 
+def _start_logging(config) -> bool:
+    """The log to stdout, or to `--log-file`; False (after saying why) when that file cannot be opened."""
+    from lemonade.logging_config import configure_logging
+
+    try:
+        configure_logging(config.log_level, config.log_file)
+    except OSError as e:
+        print(f"Error: cannot write the log file {config.log_file}: {e.strerror or e}", file=sys.stderr)
+        print("Error: Failed to start server", file=sys.stderr)
+        return False
+    return True
+
+
 def serve(config, prog: str) -> int:
     """cli.md §6 serve: the persistent server, in this process, until Ctrl+C, SIGTERM or /internal/shutdown."""
-    from lemonade.logging_config import configure_logging
     from lemonade.server import run_server
 
     if not _take_server_lock(prog):
         return single_instance.LOCK_EXIT_CODE
-    if not _check_backend(config):
+    if not _check_backend(config) or not _start_logging(config):
         return 1
-    configure_logging(config.log_level)
 
     def ready(port: int, shutdown) -> None:
         print_line("Press Ctrl+C to stop")
@@ -409,18 +498,22 @@ def serve(config, prog: str) -> int:
 def run(config, positionals: list[str], prog: str) -> int:
     """cli.md §6 run: `serve`, then load NAME and show the chat (`_show_chat`). The name is checked
     before anything starts (C++ starts the server first). Blocks until the server stops; returns the
-    exit code (1 when the load fails, after the server has shut down)."""
-    from lemonade.logging_config import configure_logging
+    exit code (1 when the load fails, after the server has shut down).
+
+    With a server already running, NAME is loaded on it and the chat shown, and the command returns
+    (the help's "starts server if needed"; C++ B refuses with its single-instance error instead)."""
     from lemonade.server import run_server
 
     if not positionals:
         return _usage_error(prog, RUN_USAGE)
     model = positionals[0]
+    running = single_instance.find_server()
+    if running is not None:
+        return _run_on_running_server(running, model)
     if not _take_server_lock(prog):
         return single_instance.LOCK_EXIT_CODE
-    if not _check_backend(config):
+    if not _check_backend(config) or not _start_logging(config):
         return 1
-    configure_logging(config.log_level)
     outcome = {"code": 0}
 
     def after_start(port: int, shutdown) -> None:
@@ -440,14 +533,31 @@ def run(config, positionals: list[str], prog: str) -> int:
     return outcome["code"] or code
 
 
-def _show_chat(url: str) -> None:
+def _run_on_running_server(info: single_instance.ServerInfo, model: str) -> int:
+    """`run NAME` when a server is up: load NAME there (a download included, hence the pull timeout),
+    then show the chat. Blocks for the load; exit code 0, or 1 when the server refuses."""
+    print(f"Running model: {model}")
+    print(f"Using the server already running on port {info.port}")
+    print(f"Loading model {model}...", flush=True)
+    try:
+        request(*_target(info), "POST", "/api/v1/load", {"model_name": model}, timeout=PULL_TIMEOUT)
+    except HttpFailure as e:
+        print(f"Exception loading model: {e}\nFailed to load model", file=sys.stderr)
+        return 1
+    print("Model loaded successfully!", flush=True)
+    _show_chat(f"http://{info.host or 'localhost'}:{info.port}/?model={model}#llm-chat", background=False)
+    return 0
+
+
+def _show_chat(url: str, background: bool = True) -> None:
     """Open the chat page in a browser, or print its URL and say on stderr why no browser was started.
 
     Streams as in C++ (tray_app.cpp L1022-1031, cli.md §6 run): the user's lines on stdout, and on stderr
     the one line a failed browser start gives there (C++: `sh: 1: xdg-open: not found` on a headless
     machine). That line comes once the model is loaded, so a parent that reads stderr line by line while
     it waits for the model (upstream test/server_cli.py test_003) is released as C++ releases it.
-    Never blocks: a browser is started from a daemon thread, as C++ backgrounds xdg-open with `&`."""
+    Never blocks when `background`: a browser is started from a daemon thread, as C++ backgrounds
+    xdg-open with `&`; otherwise (the process is about to exit) it waits for the browser command."""
     import threading
 
     from lemonade.utils import path_utils
@@ -458,7 +568,10 @@ def _show_chat(url: str) -> None:
         reason = "no display (DISPLAY and WAYLAND_DISPLAY are unset)"
     else:
         print_line(f"Opening browser: {url}")
-        threading.Thread(target=_open_browser, args=(url,), name="browser", daemon=True).start()
+        if background:
+            threading.Thread(target=_open_browser, args=(url,), name="browser", daemon=True).start()
+        else:
+            _open_browser(url)
         return
     print_line(f"Open the chat in a browser: {url}")
     print_line(f"{NO_BROWSER_NOTE}{reason}", file=sys.stderr)
@@ -517,3 +630,46 @@ def residency_command(command: str, positionals: list[str], prog: str) -> int:
             "pin": f"Model pinned: {name}", "unpin": f"Model unpinned: {name}"}
     print(done[command])
     return 0
+
+
+# -- rpc-worker (ours) ---------------------------------------------------------------------------
+
+
+def rpc_worker(host: str, port: int, threads: int | None, log_level: str = "info") -> int:
+    """Run llama.cpp's rpc-server from the llama.cpp install on host:port until Ctrl+C or SIGTERM,
+    then stop it (TERM, bounded wait, KILL). Blocks; returns 0 after a requested stop, 1 when the
+    worker cannot start or exits by itself (its last output is printed)."""
+    import signal
+    import threading
+
+    from lemonade.backends import llamacpp_rpc
+    from lemonade.error_types import LemonadeError
+    from lemonade.logging_config import configure_logging
+    from lemonade.utils import process_manager
+
+    configure_logging(log_level)
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda signum, frame: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            child = llamacpp_rpc.start_worker(host, port, threads=threads)
+        except LemonadeError as e:
+            print(f"Error: {e.message}", file=sys.stderr)
+            return 1
+        shown = "<this machine's address>" if host == "0.0.0.0" else host
+        print_line(f"RPC worker listening on {host}:{port} (rpc-server pid {child.pid})")
+        print_line(f"Use it from the server's machine: lemonade serve --rpc-workers {shown}:{port}")
+        print_line("Press Ctrl+C to stop")
+        while not stop.wait(0.5):
+            if not child.is_alive():
+                child.wait_drained()
+                print_line(f"Error: rpc-server exited with code {child.exit_code()}:\n{child.tail_text()}",
+                           file=sys.stderr)
+                return 1
+        print_line("Stopping the RPC worker...")
+        process_manager.stop(child)
+        print_line("RPC worker stopped")
+        return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

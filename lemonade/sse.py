@@ -59,10 +59,31 @@ def iter_json(chunks: Iterable[bytes]) -> Iterator[dict[str, Any]]:
 
     Blocks and raises as `iter_events`.
     """
-    for event in iter_events(chunks):
-        frame = parse_frame(event.data)
-        if frame is not None:
-            yield frame
+    reader = FrameReader()
+    for chunk in chunks:
+        yield from reader.feed(chunk)
+    yield from reader.close()
+
+
+class FrameReader:
+    """`iter_json` for a stream that is pushed rather than pulled: the relay hands each backend chunk
+    to `feed` as it arrives (`wrapped_server.ReplySink.stream_chunk`) and gets the frames that chunk
+    completed; `close` gives the last one when the stream ends. Keeps only the incomplete line and
+    the current event's data lines. Not thread-safe: one per stream."""
+
+    def __init__(self) -> None:
+        self._parser = _Parser()
+
+    def feed(self, chunk: bytes) -> list[dict[str, Any]]:
+        return _json_frames(self._parser.feed(chunk))
+
+    def close(self) -> list[dict[str, Any]]:
+        return _json_frames(self._parser.close())
+
+
+def _json_frames(events: Iterable[SseEvent]) -> list[dict[str, Any]]:
+    frames = (parse_frame(event.data) for event in events)
+    return [frame for frame in frames if frame is not None]
 
 
 def parse_frame(data: bytes) -> dict[str, Any] | None:

@@ -182,6 +182,48 @@ def backend_cmdline(server: ServerProc, model: str | None = None) -> list[str]:
     return psutil.Process(pid).cmdline()
 
 
+def slots_busy(port: int) -> bool:
+    """Whether the llama-server on `port` is working on a task (its `/slots`)."""
+    import requests
+
+    slots = requests.get(f"http://127.0.0.1:{port}/slots", timeout=10).json()
+    return any(slot["is_processing"] for slot in slots)
+
+
+def backend_connections(proc: psutil.Process, port: int) -> int:
+    """Open connections from the server process to the backend on `port`."""
+    return sum(1 for c in proc.net_connections("tcp") if c.raddr and c.raddr.port == port
+               and c.status == "ESTABLISHED")
+
+
+def leave_streams_mid_way(server: ServerProc, model: str, path: str, body: bytes, marker: bytes,
+                          rounds: int = 2) -> None:
+    """Start a long stream on `path` over a raw socket, read until `marker` has come three times,
+    check llama-server is generating, close the socket; then llama-server must stop (its `/slots`)
+    and log the cancelled task, each round. Afterwards no backend connection and no thread or fd of
+    the server is left over."""
+    argv = backend_cmdline(server, model)
+    port = int(argv[argv.index("--port") + 1])
+    proc = server_process(server)
+    baseline = settled_resources(proc)
+    cancels = server.log_text().count("cancel task")
+    for round_ in range(rounds):
+        with raw_connection(server.port, timeout=120) as sock:
+            sock.sendall(request_bytes("POST", path, body))
+            received = b""
+            while received.count(marker) < 3:
+                chunk = sock.recv(65536)
+                assert chunk, received
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 200 OK\r\n"), received[:300]
+            assert slots_busy(port)  # llama-server is generating for this client
+        wait_for(lambda: not slots_busy(port), 30, interval=0.2, what="llama-server to stop generating")
+        wait_for(lambda: server.log_text().count("cancel task") > cancels + round_, 10,
+                 what="llama-server's cancel line")
+    assert backend_connections(proc, port) <= 2  # closed, not leaked (at most a pooled idle one)
+    wait_for_baseline(proc, baseline)
+
+
 def sse_frames(body: bytes) -> list[bytes]:
     """The `data:` payloads of an SSE body, in order."""
     return [m.group(1) for m in re.finditer(rb"^data: (.*)$", body, re.M)]

@@ -24,6 +24,22 @@ DEFAULT_MODEL = "Gemma-3-270m-GGUF"
 START_DEADLINE = 120.0
 
 
+def _plugin_autoloaded() -> bool:
+    """Whether pytest loads lemonade's own plugin (`lemonade_url`) by itself: lemonade installed with
+    its `pytest11` entry point, and plugin autoloading on. Otherwise (an install older than the entry
+    point, or PYTEST_DISABLE_PLUGIN_AUTOLOAD) this conftest loads it; loading it twice is an error."""
+    from importlib.metadata import entry_points
+
+    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
+        return False
+    found = entry_points()
+    group = found.select(group="pytest11") if hasattr(found, "select") else found.get("pytest11", [])
+    return any(ep.value == "lemonade.pytest_plugin" for ep in group)
+
+
+pytest_plugins = [] if _plugin_autoloaded() else ["lemonade.pytest_plugin"]
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
     """Poll `predicate` until it returns a truthy value; fail the test at the deadline."""
     deadline = time.monotonic() + timeout
@@ -97,6 +113,12 @@ def lemonade_env(tmp_path, seeded_hub_cache) -> dict[str, str]:
     return make_env(tmp_path, seeded_hub_cache)
 
 
+@pytest.fixture(scope="session")
+def lemonade_server_env(tmp_path_factory, seeded_hub_cache) -> dict[str, str]:
+    """The environment of the plugin's session server (`lemonade_url`): a private HF cache, offline."""
+    return make_env(tmp_path_factory.mktemp("plugin-server"), seeded_hub_cache)
+
+
 @dataclass
 class ServerProc:
     proc: subprocess.Popen
@@ -136,11 +158,14 @@ def start_server(env: dict, tmp_path: Path, *args: str) -> ServerProc:
     log_file.close()
     server = ServerProc(proc, port, log_path, marker=env["HF_HUB_CACHE"])
 
+    key = env.get("LEMONADE_ADMIN_API_KEY") or env.get("LEMONADE_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+
     def healthy() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"lemonade serve exited with {proc.returncode}:\n{server.log_text()}")
         try:
-            return requests.get(server.api + "/health", timeout=1).status_code == 200
+            return requests.get(server.api + "/health", headers=headers, timeout=1).status_code == 200
         except requests.RequestException:
             return False
 

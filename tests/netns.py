@@ -269,13 +269,23 @@ class Network:
         self.teardown()
 
 
-@pytest.fixture()
-def network() -> Network:
-    """A fresh private network; add hosts with `network.add_host("a")`. Skips, quoting the error,
-    where `ip netns add` is refused. Teardown runs even when the test fails."""
+def _fresh_network():
     try:
         check_available()
     except NetnsUnavailable as e:
         pytest.skip(f"network namespaces unavailable: {e}")
     with Network() as network:
         yield network
+
+
+@pytest.fixture()
+def network() -> Network:
+    """A fresh private network; add hosts with `network.add_host("a")`. Skips, quoting the error,
+    where `ip netns add` is refused. Teardown runs even when the test fails."""
+    yield from _fresh_network()
+
+
+@pytest.fixture(scope="module")
+def module_network() -> Network:
+    """As `network`, shared by the tests of one module, so hosts and the servers in them start once."""
+    yield from _fresh_network()

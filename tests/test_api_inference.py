@@ -185,10 +185,11 @@ def test_responses_loads_then_422(server):
 # -- embeddings and reranking ---------------------------------------------------------------------------
 
 def test_reranking_on_model_without_label(server):
-    """llama-server started without `--reranking` refuses; its 501 comes back in B's wrapper."""
+    """llama-server started without `--reranking` refuses with 501; the client gets 400 (no SDK retries
+    it), with llama-server's status kept in `status_code` and its answer in `details`."""
     reply = requests.post(server.api + "/reranking", json={"model": DEFAULT_MODEL, "query": "q", "documents": ["d"]},
                           timeout=TIMEOUT)
-    assert reply.status_code == 501
+    assert reply.status_code == 400 and reply.json()["error"]["status_code"] == 501
     response = reply.json()["error"]["details"]["response"]
     assert response["error"]["type"] == "not_supported_error"
     assert "--reranking" in response["error"]["message"]
@@ -196,7 +197,7 @@ def test_reranking_on_model_without_label(server):
 
 def test_embeddings_on_model_without_label(server):
     reply = requests.post(server.api + "/embeddings", json={"model": DEFAULT_MODEL, "input": "hello"}, timeout=TIMEOUT)
-    assert reply.status_code == 501
+    assert reply.status_code == 400 and reply.json()["error"]["status_code"] == 501
     response = reply.json()["error"]["details"]["response"]
     assert response["error"]["type"] == "not_supported_error"
     assert "--embeddings" in response["error"]["message"]

@@ -106,13 +106,13 @@ def test_pull_streaming_events(server):
     assert reply.content.rstrip().endswith(b'event: complete\ndata: {"model_name":"' + DEFAULT_MODEL.encode()
                                            + b'","status":"success"}')
     bad = requests.post(server.api + "/pull", json={"model": "nope", "stream": True}, timeout=TIMEOUT)
-    assert b"event: error" in bad.content and b"user` namespace" in bad.content
+    assert b"event: error" in bad.content and b"Unknown model: nope. Did you mean " in bad.content
 
 
 @pytest.mark.parametrize("body,message", [
     ({}, "'model' or 'model_name' is required"),
     ({"model": 5}, "'model' or 'model_name' is required"),
-    ({"model": "Phi-Unknown"}, "When registering a new model, the model name must include the `user` namespace, "
+    ({"model": "Phi-Unknown", "checkpoint": "org/Phi-GGUF:Q4_0"}, "When registering a new model, the model name must include the `user` namespace, "
                                "for example `user.Phi-4-Mini-GGUF`. Received: Phi-Unknown"),
     ({"model": "user.New"}, "Model user.New is not registered with Lemonade Server. To register and install it, "
                             "provide the `checkpoint` and `recipe` arguments, as well as the optional "

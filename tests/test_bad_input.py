@@ -20,9 +20,9 @@ import time
 import pytest
 import requests
 
-from api_support import (settled_resources, CORS, DEFAULT_MODEL, HELLO, backend_port, raw_connection, raw_request,
-                         read_response, request_bytes, resources, running_server, server_process, wait_for,
-                         wait_for_baseline)
+from api_support import (settled_resources, CORS, DEFAULT_MODEL, HELLO, backend_connections, backend_port,
+                         raw_connection, raw_request, read_response, request_bytes, running_server, server_process,
+                         slots_busy, wait_for, wait_for_baseline)
 
 SEED = 20251125
 CASES = 640
@@ -350,16 +350,6 @@ def test_real_chat_after_the_storm(server):
     assert body["choices"][0]["message"]["role"] == "assistant" and body["usage"]["completion_tokens"] > 0
 
 
-def _slots_busy(port: int) -> bool:
-    slots = requests.get(f"http://127.0.0.1:{port}/slots", timeout=10).json()
-    return any(slot["is_processing"] for slot in slots)
-
-
-def _backend_connections(proc, port: int) -> int:
-    return sum(1 for c in proc.net_connections("tcp") if c.raddr and c.raddr.port == port
-               and c.status == "ESTABLISHED")
-
-
 def test_client_leaving_mid_stream_cancels_generation(server):
     requests.post(server.api + "/load", json={"model_name": DEFAULT_MODEL}, timeout=300)
     proc = server_process(server)
@@ -375,12 +365,12 @@ def test_client_leaving_mid_stream_cancels_generation(server):
                 chunk = sock.recv(65536)
                 assert chunk, received
                 received += chunk
-            assert _slots_busy(port)  # llama-server is generating for us
+            assert slots_busy(port)  # llama-server is generating for us
         # The socket is closed: the next chunk the relay writes fails, the relay closes its
         # llama-server request, and llama-server cancels the task long before 4000 tokens.
-        wait_for(lambda: not _slots_busy(port), 30, interval=0.2, what="llama-server to stop generating")
+        wait_for(lambda: not slots_busy(port), 30, interval=0.2, what="llama-server to stop generating")
         wait_for(lambda: server.log_text().count("cancel task") > round_, 10, what="llama-server's cancel line")
-    assert _backend_connections(proc, port) <= 2  # closed, not leaked (at most a pooled idle one)
+    assert backend_connections(proc, port) <= 2  # closed, not leaked (at most a pooled idle one)
     start = time.monotonic()
     reply = requests.post(server.api + "/chat/completions", timeout=300,
                           json={"model": DEFAULT_MODEL, "messages": HELLO, "max_tokens": 4})

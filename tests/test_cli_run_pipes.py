@@ -124,7 +124,7 @@ def test_parent_reading_only_stdout_gets_every_line_and_the_browser_the_url(brow
 
 GLUE_PROBE = textwrap.dedent("""
     import logging, sys, threading
-    from lemonade.cli_parser import configure_logging, print_line
+    from lemonade.logging_config import configure_logging, print_line
     configure_logging("info")
     log = logging.getLogger("probe")
     threads = [threading.Thread(target=lambda: [print_line("Shutting down server...") for _ in range(20000)]),

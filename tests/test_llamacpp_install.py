@@ -205,7 +205,7 @@ def test_fresh_install(env, github, lib_bytes):
     assert not list(env["hub"].iterdir()), "the zip and any .incomplete are deleted"
     assert not [p for p in (env["base"] / "llama").iterdir() if p.name != "vulkan"], "no staging dir left"
     assert events and events[-1].bytes_done == events[-1].bytes_total > inst.MIN_ZIP_SIZE
-    assert events[-1].file == ASSET
+    assert events[-1].file == ASSET and {e.stage for e in events} == {"install"}  # a load reports it as such
     out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "stub llama-server" in out.stdout
     assert not inst.needs_install("vulkan")

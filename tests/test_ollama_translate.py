@@ -477,6 +477,7 @@ def test_error_table():
     assert errors.delete_failure("not supported for flm")[0] == 404
     assert errors.delete_failure("permission denied")[0] == 500
     assert errors.offline() == (400, {"error": "Lemond is in offline mode, models not downloaded", "code": "lemond_offline"})
+    assert errors.offline("Missing: x.gguf")[1]["error"] == "Lemond is in offline mode, models not downloaded: Missing: x.gguf"
     assert errors.residency_conflict("busy") == (409, {"error": "busy", "type": "router_residency_conflict",
                                                          "code": "router_residency_conflict"})
     assert errors.not_supported() == (501, {"error": "not supported by Lemonade"})

@@ -65,7 +65,7 @@ def test_cli_pull_is_seen_by_huggingface_hub(hub, env, tmp_path):
                                  "labels": ["custom"]}}
     listing = lemonade(env, "list")
     row = next(line for line in listing.stdout.splitlines() if line.startswith("user.Tiny"))
-    assert row.split() == ["user.Tiny", "Yes", "llamacpp"]
+    assert row.split() == ["user.Tiny", "Yes", "0.00", "llamacpp"]  # Size (GB): 300 kB on disk
 
     deleted = lemonade(env, "delete", "user.Tiny")
     assert deleted.returncode == 0, deleted.stderr
@@ -93,7 +93,7 @@ def test_offline_pull_sends_nothing(hub, env, flag):
 
 
 def test_pull_validation_messages(env):
-    unknown = lemonade(env, "pull", "NotAModel")
+    unknown = lemonade(env, "pull", "NotAModel", "--checkpoint", "org/tiny-GGUF:Q4_0", "--recipe", "llamacpp")
     assert unknown.returncode == 1
     assert unknown.stderr.strip() == (
         "Error pulling model: When registering a new model, the model name must include the `user` "
@@ -114,7 +114,8 @@ def test_snapshot_download_by_huggingface_hub_then_serve_offline(hub, env, seede
     env["HF_HUB_OFFLINE"] = "1"
     listing = lemonade(env, "list")
     assert next(line for line in listing.stdout.splitlines()
-                if line.startswith("Qwen3-0.6B-GGUF ")).split() == ["Qwen3-0.6B-GGUF", "Yes", "llamacpp"]
+                if line.startswith("Qwen3-0.6B-GGUF ")).split() == \
+        ["Qwen3-0.6B-GGUF", "Yes", f"{gemma_blob(seeded_hub_cache).stat().st_size / 1e9:.2f}", "llamacpp"]
     server = server_factory(env=env)
     reply = requests.post(server.api + "/chat/completions", timeout=300, json={
         "model": "Qwen3-0.6B-GGUF", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dialect_support import read_data, split_at, split_every
-from lemonade.sse import SseEvent, iter_events, iter_json, parse_frame
+from lemonade.sse import FrameReader, SseEvent, iter_events, iter_json, parse_frame
 
 M = "message"
 
@@ -135,3 +135,23 @@ def test_an_exception_from_the_chunks_propagates_after_the_complete_events():
     assert next(events) == SseEvent(M, b"a")
     with pytest.raises(ConnectionResetError):
         next(events)
+
+
+def test_frame_reader_returns_each_frame_with_the_chunk_that_completes_it():
+    """The push form the dialect sinks use: nothing is returned before a frame's blank line arrives
+    (except at close), and nothing is held after it."""
+    reader = FrameReader()
+    assert reader.feed(b'data: {"a"') == []
+    assert reader.feed(b': 1}\n') == []
+    assert reader.feed(b'\ndata: [DONE]\n\ndata: {"b": 2}\n\ndata: {"c"') == [{"a": 1}, {"b": 2}]
+    assert reader.feed(b": 3}") == []
+    assert reader.close() == [{"c": 3}]
+
+
+def test_frame_reader_gives_what_iter_json_gives_at_every_split():
+    raw = read_data("llama_chat_stream.sse")
+    expected = list(iter_json([raw]))
+    for size in (1, 7, 64, 1000):
+        reader = FrameReader()
+        frames = [f for chunk in split_every(raw, size) for f in reader.feed(chunk)] + reader.close()
+        assert frames == expected, size

@@ -9,7 +9,8 @@ import pytest
 
 from lemonade.backends import llamacpp_server
 from lemonade.backends.llamacpp_server import LlamaCppOptions, build_argv, split_custom_args
-from lemonade.error_types import InstallationError, InvalidRequestError
+from lemonade.error_types import (InstallationError, InvalidRequestError, ModelNotFoundError, NetworkError,
+                                  NoModelError, RequestTooLargeError)
 from lemonade.router import EvictionPlan, SlotView, idle_victims, plan_eviction
 from lemonade.server.routes import ROUTES, Auth, Errors, Head, Route, RouteTable, default_table
 
@@ -40,8 +41,30 @@ def _match(method: str, path: str):
     ("GET", "/", ("root", {})),
     ("GET", "/live", ("live", {})),
     ("GET", "/static/js/chat.js", ("static", {"path": "js/chat.js"})),
-    ("GET", "/v1/models", (None, {})),
+    ("GET", "/v1/models", ("models", {})),
+    ("GET", "/v0/models/x", ("model_by_id", {"id": "x"})),
+    ("POST", "/v1/chat/completions", ("chat_completions", {})),
+    ("GET", "/v1/load", ("method_not_allowed", {})),
+    ("POST", "/v1/test", (None, {})),
+    ("GET", "/metrics", ("metrics", {})),
+    ("HEAD", "/metrics", ("metrics", {})),
+    ("GET", "/v1/metrics", (None, {})),
     ("POST", "/api/v2/chat/completions", (None, {})),
+    # Ollama: /api/ only, DELETE for delete, no 405 rows, 501 stubs (HEAD S/ollama_api.cpp:156-223)
+    ("POST", "/api/chat", ("ollama_chat", {})),
+    ("GET", "/api/chat", (None, {})),
+    ("DELETE", "/api/delete", ("ollama_delete", {})),
+    ("POST", "/api/delete", (None, {})),
+    ("GET", "/api/tags", ("ollama_tags", {})),
+    ("HEAD", "/api/ps", ("ollama_ps", {})),
+    ("POST", "/api/blobs/sha256:abc", ("ollama_not_supported", {"digest": "sha256:abc"})),
+    ("POST", "/api/v1/chat", (None, {})),
+    # Anthropic: HEAD's /v1/messages, and ours under /api/v1 and count_tokens
+    ("POST", "/v1/messages", ("anthropic_messages", {})),
+    ("POST", "/api/v1/messages", ("anthropic_messages", {})),
+    ("POST", "/api/v1/messages/count_tokens", ("anthropic_count_tokens", {})),
+    ("POST", "/api/v0/messages", (None, {})),
+    ("DELETE", "/v1/messages", (None, {})),
 ])
 def test_route_table_matches(method, path, expected):
     assert _match(method, path) == expected
@@ -56,8 +79,64 @@ def test_route_rows_carry_every_attribute():
     assert route.reads_body and route.errors is Errors.OPENAI
     assert TABLE.match("POST", "/internal/shutdown")[0].auth is Auth.ADMIN
     assert TABLE.match("GET", "/static/x.css")[0].auth is Auth.PUBLIC
-    # every POST route reads its body: none is silently drained
-    assert all(r.reads_body for r in ROUTES if r.method == "POST")
+    # every POST and DELETE route reads its body, but the 501 stubs: none is silently drained
+    assert all(r.reads_body for r in ROUTES if r.method in ("POST", "DELETE") and r.handler != "ollama_not_supported")
+    assert {r.errors for r in ROUTES if r.handler.startswith("ollama_")} == {Errors.OLLAMA}
+    assert {r.errors for r in ROUTES if r.handler.startswith("anthropic_")} == {Errors.ANTHROPIC}
+    assert {r.auth for r in ROUTES if r.handler.startswith(("ollama_", "anthropic_"))} == {Auth.API}
+
+
+def test_every_route_has_its_handler():
+    from lemonade.server.handlers import Api
+
+    assert all(hasattr(Api, r.handler) for r in ROUTES if r.handler != "method_not_allowed")
+
+
+@pytest.mark.parametrize("style,error,expected", [
+    ("ollama", RequestTooLargeError("too big"), (413, {"error": "too big"})),
+    ("ollama", InvalidRequestError("model is required"), (400, {"error": "model is required"})),
+    ("ollama", ModelNotFoundError("x"), (404, {"error": "Model not found: x"})),
+    ("anthropic", RequestTooLargeError("too big"),
+     (413, {"type": "error", "error": {"type": "request_too_large", "message": "too big"}})),
+    ("anthropic", InvalidRequestError("bad"),
+     (400, {"type": "error", "error": {"type": "invalid_request_error", "message": "bad"}})),
+    ("anthropic", NetworkError("down"),
+     (502, {"type": "error", "error": {"type": "api_error", "message": "Network error: down"}})),
+    ("anthropic", NoModelError(),  # a string-bodied error keeps the dialect's shape here
+     (400, {"type": "error", "error": {"type": "invalid_request_error",
+                                       "message": "No model loaded and no model specified in request"}})),
+])
+def test_dialect_routes_render_every_error_in_their_shape(style, error, expected):
+    import lemonade.server.dialect_common  # noqa: F401  (registers the renderers)
+    from lemonade.error_types import render
+
+    assert render(error, style, "/api/chat") == expected
+
+
+@pytest.mark.parametrize("body,expected", [
+    ({}, None), ({"options": {"num_ctx": 1024}}, 1024), ({"options": {"num_ctx": 1024}, "ctx_size": 512}, 512),
+    ({"options": {"num_ctx": -1}}, None), ({"ctx_size": 0}, 0), ({"options": {"num_ctx": -2}}, InvalidRequestError),
+    ({"options": {"num_ctx": "8k"}}, InvalidRequestError), ({"options": {"num_ctx": 1.5}}, InvalidRequestError),
+    ({"options": []}, InvalidRequestError),
+])
+def test_requested_ctx_size(body, expected):
+    from lemonade.server.dialect_common import requested_ctx_size
+
+    if expected is InvalidRequestError:
+        with pytest.raises(InvalidRequestError):
+            requested_ctx_size(body)
+    else:
+        assert requested_ctx_size(body) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("plain", "plain"), ("a | b", "a | b"), ("role 'x\r\nSet-Cookie: y'", "role 'x\\r\\nSet-Cookie: y'"),
+    ("caf\u00e9 \U0001f34b", "caf\\u00e9 \\ud83c\\udf4b"),
+])
+def test_header_value_is_one_ascii_line(text, expected):
+    from lemonade.server.dialect_common import header_value
+
+    assert header_value(text) == expected and header_value(text).isascii()
 
 
 def test_route_table_refuses_duplicates():
@@ -105,16 +184,16 @@ def test_idle_victims_table(slots, now, ttl, expected):
     assert idle_victims(slots, now, ttl) == expected
 
 
-def test_argv_exactly_as_cpp_b():
+def test_argv_as_cpp_b_with_heads_metrics():
     argv = build_argv("/bin/llama-server", "/m.gguf", 8001, LlamaCppOptions(), [])
     assert argv == ["/bin/llama-server", "-m", "/m.gguf", "--ctx-size", "4096", "--port", "8001", "--jinja",
-                    "--context-shift", "--keep", "16", "--reasoning-format", "auto", "-ngl", "99"]
+                    "--metrics", "--context-shift", "--keep", "16", "--reasoning-format", "auto", "-ngl", "99"]
 
 
 def test_argv_embeddings_reranking_mmproj_metal_custom():
     options = LlamaCppOptions(ctx_size=2048, backend="metal", custom_args="--threads 2 -c 100")
     argv = build_argv("ls", "/m.gguf", 8002, options, ["embeddings", "reranking"], mmproj="/p.gguf")
-    assert argv == ["ls", "-m", "/m.gguf", "--ctx-size", "8192", "--port", "8002", "--jinja",
+    assert argv == ["ls", "-m", "/m.gguf", "--ctx-size", "8192", "--port", "8002", "--jinja", "--metrics",
                     "--mmproj", "/p.gguf", "--keep", "16", "--reasoning-format", "auto",
                     "--embeddings", "--batch-size", "8192", "--ubatch-size", "8192", "--reranking",
                     "-ngl", "99", "--threads", "2", "-c", "100"]
@@ -130,7 +209,7 @@ def test_custom_args_conflict_message():
         build_argv("x", "m", 1, LlamaCppOptions(custom_args="--port=9 --foo"), [])
     assert err.value.message == (
         "Invalid custom llama-server arguments:\nArgument '--port' is managed by Lemonade and cannot be "
-        "overridden.\nReserved arguments: --context-shift, --ctx-size, --jinja, --keep, --port, "
+        "overridden.\nReserved arguments: --context-shift, --ctx-size, --jinja, --keep, --metrics, --port, "
         "--reasoning-format, -m, -ngl")
 
 

@@ -3,6 +3,7 @@
 Needs Debian `chromium` + `chromium-driver` and `pip install selenium`; skipped otherwise.
 The `lemonade_server` session fixture (tests/conftest.py) provides `.url` and `.model`.
 """
+import contextlib
 import json
 import os
 import re
@@ -59,20 +60,29 @@ def get_json(url):
         return json.load(resp)
 
 
-@pytest.fixture(scope="module")
-def browser():
+@contextlib.contextmanager
+def chromium(*extra_flags: str):
+    """Headless Chromium with a private profile, quit and removed afterwards."""
     profile = tempfile.mkdtemp(prefix="webui-chromium-")
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS:
+    for flag in CHROMIUM_FLAGS + extra_flags:
         opts.add_argument(flag)
     opts.add_argument("--user-data-dir=" + profile)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # An explicit driver path keeps selenium-manager from trying to download one.
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as driver:
+        yield driver
 
 
 def console_errors(driver, allow=()):

@@ -1,6 +1,7 @@
 """The Anthropic Messages dialect: pure translation to and from llama-server's OpenAI API (C++ HEAD
-`S/anthropic_api.cpp`, `I/anthropic_error.h`; spec head §6). No I/O here: the HTTP layer parses,
-calls these functions, forwards through the router and writes.
+`S/anthropic_api.cpp`, `I/anthropic_error.h`; spec head §6). No I/O here: the HTTP layer
+(`lemonade/server/anthropic_routes.py`) parses, calls these functions, forwards through the router and
+writes.
 
 Entry points for the HTTP layer, in order, per route
 -----------------------------------------------------

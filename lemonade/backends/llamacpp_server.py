@@ -12,13 +12,17 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lemonade import system_info
 from lemonade.backends import llamacpp_install
 from lemonade.backends.llamacpp_install import INSTALL_SUBPATHS
 from lemonade.error_types import InstallationError, InvalidRequestError
-from lemonade.utils import path_utils
+from lemonade.utils import json_utils, path_utils
 from lemonade.wrapped_server import WrappedServer
+
+if TYPE_CHECKING:
+    from lemonade.backends.llamacpp_rpc import Worker
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,8 @@ class LlamaCppOptions:
     backend: str = "vulkan"  # vulkan | rocm | metal, as the C++ CLI accepts
     custom_args: str = ""
     binary: str | None = None  # explicit override
+    # llama.cpp RPC workers the layers go to (`--rpc`; `serve --rpc-workers`, or a model's own list)
+    rpc_workers: tuple["Worker", ...] = ()
 
 
 def _package_binary() -> Path | None:
@@ -159,13 +165,15 @@ def split_custom_args(text: str) -> list[str]:
 
 def build_argv(binary: str, gguf: str, port: int, options: LlamaCppOptions, labels: list[str],
                mmproj: str | None = None, chat_template: str | None = None) -> list[str]:
-    """The exact C++ B command line (§8.6). Raises InvalidRequestError on a custom arg that
+    """The C++ B command line (§8.6), plus HEAD's `--metrics`, plus `--rpc` when `options.rpc_workers`
+    names llama.cpp RPC workers (ours; a managed flag then). Raises InvalidRequestError on a custom arg that
     overrides a managed flag (§8.7 message). `chat_template` (ours) is a Jinja file for a GGUF that
     carries none; it goes before the user's `--llamacpp-args`, which can still override it. (A
     built-in template name would not do: after `--jinja`, `--chat-template NAME` is read as Jinja.)"""
     embeddings = "embeddings" in labels
     ctx = max(options.ctx_size, EMBEDDINGS_MIN_CTX) if embeddings else options.ctx_size
-    argv = [binary, "-m", gguf, "--ctx-size", str(ctx), "--port", str(port), "--jinja"]
+    # `--metrics` (HEAD `llamacpp_server.cpp` 349): its /metrics is re-exported by ours (B had none)
+    argv = [binary, "-m", gguf, "--ctx-size", str(ctx), "--port", str(port), "--jinja", "--metrics"]
     if mmproj:
         argv += ["--mmproj", mmproj]
     argv += ["--keep", "16"] if options.backend == "metal" else ["--context-shift", "--keep", "16"]
@@ -174,6 +182,8 @@ def build_argv(binary: str, gguf: str, port: int, options: LlamaCppOptions, labe
         argv += ["--embeddings", "--batch-size", "8192", "--ubatch-size", "8192"]
     if "reranking" in labels:
         argv += ["--reranking"]
+    if options.rpc_workers:  # ours: layers on other machines' rpc-server (llamacpp_rpc)
+        argv += ["--rpc", ",".join(w.endpoint for w in options.rpc_workers)]
     argv += ["-ngl", "99"]
     reserved = sorted({a for a in argv[1:] if a.startswith("-")})
     custom = split_custom_args(options.custom_args) if options.custom_args else []
@@ -195,6 +205,7 @@ INPUT_ERROR_PREFIXES = ("Failed to parse messages:", "Failed to parse tools:", "
 
 class LlamaCppServer(WrappedServer):
     server_name = "llama-server"
+    exposes_metrics = True  # started with --metrics
 
     def __init__(self, model_name: str, checkpoint: str, recipe: str, gguf: Path, labels: list[str],
                  mmproj: Path | None, options: LlamaCppOptions, chat_template: Path | None = None):
@@ -226,6 +237,12 @@ class LlamaCppServer(WrappedServer):
         error = response.get("error") if isinstance(response, dict) else None
         message = error.get("message") if isinstance(error, dict) else None
         return status == 500 and isinstance(message, str) and message.startswith(INPUT_ERROR_PREFIXES)
+
+    def reply_model_token(self) -> bytes | None:
+        """llama-server names the model by the path given to `-m` (no `--alias` is passed, as C++),
+        serialised by nlohmann::json: compact, `/` unescaped, non-ASCII as raw UTF-8, which is what
+        `json_utils.dumps` writes for a string."""
+        return b'"model":' + json_utils.dumps(str(self.gguf))
 
     def child_env(self) -> dict[str, str] | None:
         if self.options.backend != "rocm" or self.binary is None:

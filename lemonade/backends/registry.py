@@ -10,6 +10,7 @@ rest of the program used to answer with `if recipe == ...`:
     model_files(info)           the cached files a backend loads, or None when not downloaded
     fetch(info, progress, force), delete(info)
     make_backend(info, files, options)   the `WrappedServer` that serves it (files: `ModelFiles`)
+    check_registration(info)    the settings a user entry of this recipe may carry (`pull`)
     check_upload(names), upload_target(directory, variant)   what `add-local-model` accepts
 
 The router, the model manager (given `spec_for` when it is built, see `model_manager()`), the upload
@@ -19,19 +20,21 @@ imports `backends`, so the two packages form no cycle.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from lemonade import system_info
-from lemonade.error_types import RegistryError, UnsupportedOperationError
+from lemonade.error_types import InvalidRequestError, RegistryError, UnsupportedOperationError
 from lemonade.model_manager import ModelFiles, ModelManager, hf_cache, hf_select
 from lemonade.model_manager.registry import ModelInfo
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[Any], None]
+REMOTE_RECIPE = "remote"  # a remote OpenAI-compatible upstream (ours)
 
 
 class RecipeSpec:
@@ -68,6 +71,16 @@ class RecipeSpec:
         mmproj = next((p for p in paths if p.as_posix().endswith("/" + info.mmproj)), None) if info.mmproj else None
         return ModelFiles(paths[0], mmproj)
 
+    def has_files(self, info: ModelInfo) -> bool:
+        """Anything of `info` on disk (its repo's cache folder, a partial download included)."""
+        return hf_cache.RepoDir.of(info.repo_id).path.exists()
+
+    def disk_usage(self, info: ModelInfo) -> int | None:
+        """Bytes the cached files of `info` take (the blobs its selection names); None when it is not
+        downloaded. Stats files only."""
+        paths = hf_cache.checkpoint_files(info.checkpoint, self.selection(info))
+        return None if paths is None else sum(path.stat().st_size for path in paths)
+
     def missing(self, info: ModelInfo) -> list[str]:
         """The files a fetch would download, as far as the cache can tell offline."""
         return hf_cache.missing_files(info.checkpoint, self.selection(info))
@@ -86,6 +99,17 @@ class RecipeSpec:
 
     def make_backend(self, info: ModelInfo, files: ModelFiles, options):
         raise UnsupportedOperationError(f"Recipe {self.name} is not supported by this server")
+
+    # -- registration --------------------------------------------------------------------------
+
+    def check_registration(self, info: ModelInfo) -> None:
+        """Raise RegistryError when `info` carries settings this recipe does not take: `base_url`
+        and `api_key_env` belong to remote upstreams, `rpc_workers` to llama.cpp."""
+        if info.base_url or info.api_key_env:
+            raise RegistryError(f"base_url and api_key_env are settings of the {REMOTE_RECIPE} recipe, "
+                                f"not of {self.name or 'a model without a recipe'}")
+        if info.rpc_workers:
+            raise RegistryError(f"rpc_workers is a setting of llamacpp models, not of {self.name}")
 
     # -- uploads -----------------------------------------------------------------------------------
 
@@ -112,12 +136,26 @@ class LlamaCppSpec(RecipeSpec):
         return hf_select.gguf_selection(info.mmproj)
 
     def make_backend(self, info: ModelInfo, files: ModelFiles, options):
+        """A llama-server for `info`; with RPC workers (the model's own list, else the server's) the
+        kind that checks its workers before each start (`llamacpp_rpc`)."""
+        from lemonade.backends import llamacpp_rpc
         from lemonade.backends.llamacpp_server import LlamaCppServer
         from lemonade.utils import path_utils
 
         template = path_utils.resource_path(info.chat_template) if info.chat_template else None
-        return LlamaCppServer(info.name, info.checkpoint, info.recipe, files.main, info.labels, files.mmproj,
-                              options, template)
+        options = llamacpp_rpc.with_model_workers(options, info.rpc_workers)
+        kind = llamacpp_rpc.RpcLlamaCppServer if options.rpc_workers else LlamaCppServer
+        return kind(info.name, info.checkpoint, info.recipe, files.main, info.labels, files.mmproj,
+                    options, template)
+
+    def check_registration(self, info: ModelInfo) -> None:
+        from lemonade.backends import llamacpp_rpc
+
+        super().check_registration(dataclasses.replace(info, rpc_workers=""))
+        try:
+            llamacpp_rpc.model_workers(info.rpc_workers)
+        except InvalidRequestError as e:
+            raise RegistryError(e.message) from None
 
     def check_upload(self, names: list[str]) -> None:
         if not any(hf_select.is_gguf(n) for n in names):
@@ -152,6 +190,12 @@ class FlmSpec(RecipeSpec):
         from lemonade.backends import fastflowlm_server
 
         return ModelFiles(None) if fastflowlm_server.is_model_pulled(info.checkpoint) else None
+
+    def has_files(self, info: ModelInfo) -> bool:
+        return self.model_files(info) is not None
+
+    def disk_usage(self, info: ModelInfo) -> int | None:
+        return None  # in flm's own store, which does not say
 
     def missing(self, info: ModelInfo) -> list[str]:
         return [info.checkpoint]  # flm's own store: the checkpoint is the unit
@@ -210,6 +254,49 @@ def _oga_installed() -> bool:
     return shutil.which("ryzenai-server") is not None or any((base / p).is_file() for p in rel)
 
 
+class RemoteSpec(RecipeSpec):
+    """A remote OpenAI-compatible upstream (vLLM, TGI, another lemonade, a llama-server elsewhere):
+    nothing to fetch or run here; the checkpoint is the upstream's model id (ours)."""
+
+    def model_files(self, info: ModelInfo) -> ModelFiles | None:
+        return ModelFiles(None)  # always "downloaded": there is nothing to fetch
+
+    def missing(self, info: ModelInfo) -> list[str]:
+        return []
+
+    def fetch(self, info: ModelInfo, progress: Progress | None, force: bool) -> None:
+        """Nothing to download."""
+
+    def delete(self, info: ModelInfo) -> None:
+        """Nothing on disk: deleting unregisters (the model manager drops the user entry)."""
+
+    def has_files(self, info: ModelInfo) -> bool:
+        return False  # a delete only removes the user entry
+
+    def disk_usage(self, info: ModelInfo) -> int | None:
+        return None
+
+    def make_backend(self, info: ModelInfo, files: ModelFiles, options):
+        from lemonade.backends.remote_server import RemoteServer
+
+        return RemoteServer(info.name, info.checkpoint, info.recipe, info.base_url, info.api_key_env)
+
+    def check_registration(self, info: ModelInfo) -> None:
+        from lemonade.backends.remote_server import check_base_url, check_env_name
+
+        if info.rpc_workers:
+            raise RegistryError(f"rpc_workers is a setting of llamacpp models, not of {self.name}")
+        if not info.base_url:
+            raise RegistryError(f"A {self.name} model needs base_url: the upstream's OpenAI base URL, "
+                                "e.g. http://gpu-box:8000/v1")
+        try:
+            check_base_url(info.base_url)
+            if info.api_key_env:
+                check_env_name(info.api_key_env)
+        except InvalidRequestError as e:
+            raise RegistryError(e.message) from None
+
+
 class UnknownSpec(RecipeSpec):
     """A recipe this port does not know (whispercpp, sd-cpp, …): listed as C++ lists it (never on
     macOS, where C++ keeps only llamacpp), fetched whole, not runnable."""
@@ -225,6 +312,7 @@ _SPECS: dict[str, RecipeSpec] = {
     "oga-hybrid": OgaSpec("oga-hybrid", needs_npu=True),
     "oga-cpu": OgaSpec("oga-cpu", needs_npu=True),  # C++ groups oga-cpu with the NPU recipes (spec §7)
     "oga-igpu": OgaSpec("oga-igpu", needs_npu=False, listed=False),  # C++ never lists it
+    REMOTE_RECIPE: RemoteSpec(REMOTE_RECIPE),
 }
 
 

@@ -10,13 +10,15 @@ The pieces live beside it: `registry` (the JSON files), `hf_cache` (the cache la
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from lemonade.error_types import InvalidRequestError, ModelNotFoundError, OfflineError, RegistryError
+from lemonade.error_types import (InvalidRequestError, ModelNotDownloadedError, ModelNotFoundError, OfflineError,
+                                  RegistryError)
 from lemonade.model_manager import embedded, hf_cache, registry
 from lemonade.model_manager.registry import USER_PREFIX, ModelInfo
 from lemonade.utils import path_utils
@@ -26,7 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelManager", "ModelInfo", "ModelFiles", "USER_PREFIX"]
+__all__ = ["ModelManager", "ModelInfo", "ModelFiles", "USER_PREFIX", "SETTINGS"]
+
+SETTINGS = ("base_url", "api_key_env", "rpc_workers")  # the several-machines fields of a user entry
 
 
 @dataclass(frozen=True)
@@ -79,17 +83,33 @@ class ModelManager:
         except InvalidRequestError:
             return False
 
+    def disk_usage(self, info: ModelInfo) -> int | None:
+        """Bytes the model's files take in the cache, None when it is not downloaded (or its engine
+        keeps its own store). Stats files, no network."""
+        if info.source == "local_upload":
+            files = self.model_files(info)
+            if files is None or files.main is None:
+                return None
+            root = _repo_folder_of(files.main) or files.main  # the upload's folder holds all its files
+            if not root.is_dir():
+                return root.stat().st_size
+            return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        return self.recipes(info.recipe).disk_usage(info)
+
     # -- pull ---------------------------------------------------------------------------------------
 
     def download(self, name: str, checkpoint: str = "", recipe: str = "", reasoning: bool = False,
                  vision: bool = False, mmproj: str = "", do_not_upgrade: bool = False,
-                 progress: Callable | None = None) -> ModelInfo:
+                 progress: Callable | None = None, settings: dict[str, str] | None = None) -> ModelInfo:
         """Pull a model (C++ `download_model`, spec §9.4). Blocks; raises error_types exceptions.
 
-        A user entry is written only once its files are complete, so a failed pull leaves the
-        registry as it was."""
+        `settings` (ours) are the several-machines fields of a user entry: `base_url`, `api_key_env`
+        (a remote upstream) and `rpc_workers` (llama.cpp RPC); the recipe's spec checks them. A user
+        entry is written only once its files are complete, so a failed pull leaves the registry as it
+        was."""
         known = self.supported_models().get(name)
         info = self._pull_target(name, known, checkpoint, recipe, reasoning, vision, mmproj)
+        info = self._with_settings(info, known, checkpoint, settings or {})
         if name.startswith(USER_PREFIX) or checkpoint:
             registry.check_user_file(name)  # a broken registry refuses before anything is downloaded
         offline = path_utils.offline_setting()
@@ -103,6 +123,22 @@ class ModelManager:
             else:
                 self.recipes(info.recipe).fetch(info, progress, force=not do_not_upgrade)
         return self._register(name, checkpoint, info)
+
+    def _with_settings(self, info: ModelInfo, known: ModelInfo | None, checkpoint: str,
+                       settings: dict[str, str]) -> ModelInfo:
+        """`info` with the given settings, checked by its recipe's spec. A registered model keeps
+        its settings unless new ones are given; only user models take them."""
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise RegistryError(f"Unknown model setting(s): {', '.join(unknown)}")
+        given = {k: v for k, v in settings.items() if v}
+        if given and not info.is_user:
+            raise RegistryError(f"{', '.join(sorted(given))} can only be set on a user model "
+                                f"(`{USER_PREFIX}<name>`), not on {info.name}")
+        if given or info is not known:
+            info = dataclasses.replace(info, **given)
+            self.recipes(info.recipe).check_registration(info)
+        return info
 
     @staticmethod
     def _register(name: str, checkpoint: str, info: ModelInfo) -> ModelInfo:
@@ -124,6 +160,8 @@ class ModelManager:
                 known.mmproj = mmproj
             return known
         if known is None and not name.startswith(USER_PREFIX):
+            if not checkpoint:  # a typo or a model this registry lacks, not a new registration
+                raise RegistryError(unknown_model_message(name, list(self.supported_models())))
             raise RegistryError(
                 "When registering a new model, the model name must include the `user` namespace, "
                 f"for example `user.Phi-4-Mini-GGUF`. Received: {name}")
@@ -157,13 +195,19 @@ class ModelManager:
     # -- delete -------------------------------------------------------------------------------------
 
     def delete(self, name: str) -> None:
-        """Remove a model's files and its user entry (C++ `delete_model`, §9.5)."""
+        """Remove a model's files and its user entry (C++ `delete_model`, §9.5). Raises
+        ModelNotFoundError, and ModelNotDownloadedError when there is nothing to delete: no file on
+        disk and no user entry (C++ reports success there)."""
         info = self.get_model(name)
-        if info.source == "local_upload":
-            path = hf_cache.inside_cache(info.checkpoint)
-            if path is None:
-                raise InvalidRequestError(f"Refusing to delete {info.checkpoint}: outside the Hugging Face cache")
-            _remove_repo_folder_of(path)
+        upload = hf_cache.inside_cache(info.checkpoint) if info.source == "local_upload" else None
+        if info.source == "local_upload" and upload is None:
+            raise InvalidRequestError(f"Refusing to delete {info.checkpoint}: outside the Hugging Face cache")
+        if not (upload.exists() if upload is not None else self.recipes(info.recipe).has_files(info)):
+            if registry.remove_user_model(name):
+                return  # a registration without files: removing it is the whole deletion
+            raise ModelNotDownloadedError(name)
+        if upload is not None:
+            _remove_repo_folder_of(upload)
         else:
             self.recipes(info.recipe).delete(info)
         registry.remove_user_model(name)
@@ -183,16 +227,51 @@ def check_mmproj(mmproj: str, model: str = "") -> None:
                                   "repository (no '..', no absolute path)") from None
 
 
+SUGGESTIONS = 3  # closest registry names offered for an unknown model
+
+
+def closest_names(name: str, known: list[str], count: int = SUGGESTIONS) -> list[str]:
+    """The `count` registry names nearest to `name`, ignoring case and punctuation: names that
+    contain it first (`llama3` → `Llama-3.2-…`), then by difflib's similarity ratio. Pure."""
+    import difflib
+
+    def squash(text: str) -> str:
+        return "".join(ch for ch in text.lower() if ch.isalnum())
+
+    wanted = squash(name)
+    containing = [k for k in known if wanted and wanted in squash(k)]
+    ranked = sorted(known, key=lambda k: -difflib.SequenceMatcher(None, name.lower(), k.lower()).ratio())
+    return list(dict.fromkeys(sorted(containing, key=len) + ranked))[:count]
+
+
+def unknown_model_message(name: str, known: list[str]) -> str:
+    """For a pull of a name that is not in the registry: the closest names, and how to register a new
+    model instead. (C++ answers with its `user` namespace rule, meant for registrations.)"""
+    close = closest_names(name, known)
+    hint = ""
+    if len(close) > 1:
+        hint = f" Did you mean {', '.join(close[:-1])} or {close[-1]}?"
+    elif close:
+        hint = f" Did you mean {close[0]}?"
+    return (f"Unknown model: {name}.{hint} `lemonade list` shows every model. To register a new one, name it "
+            f"`{USER_PREFIX}{name}` and give its `checkpoint` and `recipe`.")
+
+
 def _as_user(info: ModelInfo) -> ModelInfo:
     if info.is_user:
         return info
     return ModelInfo(name=USER_PREFIX + info.name, checkpoint=info.checkpoint, recipe=info.recipe,
-                     labels=info.labels or ["custom"], mmproj=info.mmproj, suggested=True)
+                     labels=info.labels or ["custom"], mmproj=info.mmproj, suggested=True,
+                     base_url=info.base_url, api_key_env=info.api_key_env, rpc_workers=info.rpc_workers)
+
+
+def _repo_folder_of(path: Path) -> Path | None:
+    """The top-level cache folder that holds `path` (an upload's `models--<name>`)."""
+    cache = path_utils.hf_cache_dir().resolve()
+    return next((p for p in [path, *path.parents] if p.parent == cache), None)
 
 
 def _remove_repo_folder_of(path: Path) -> None:
-    """Remove the top-level cache folder that holds `path` (an upload's `models--<name>`)."""
-    cache = path_utils.hf_cache_dir().resolve()
-    folder = next((p for p in [path, *path.parents] if p.parent == cache), None)
+    folder = _repo_folder_of(path)
     if folder is not None and folder.exists():
         shutil.rmtree(folder)

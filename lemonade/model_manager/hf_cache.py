@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lemonade.error_types import DownloadError, FileError, InvalidRequestError
-from lemonade.model_manager.hf_select import Selection, split_checkpoint
+from lemonade.model_manager.hf_select import Selection, is_gguf, split_checkpoint
 from lemonade.utils.json_utils import write_atomic
 from lemonade.utils.path_utils import hf_cache_dir, shown_path
 
@@ -284,7 +284,7 @@ def missing_files(checkpoint: str, select: Selection, revision: str = "main") ->
         except DownloadError:
             continue
         return [f for f in wanted if f not in present]
-    return [variant] if variant.lower().endswith(".gguf") else []
+    return [variant] if is_gguf(variant) else []
 
 
 def is_checkpoint_downloaded(checkpoint: str, select: Selection, revision: str = "main") -> bool:

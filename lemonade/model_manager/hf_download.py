@@ -53,6 +53,7 @@ class DownloadProgress:
     bytes_total: int   # of this file
     total_done: int    # over all files of this pull
     total_bytes: int
+    stage: str = "download"  # "install": the llama.cpp release a load fetches first (same event stream)
 
     @property
     def percent(self) -> float:
@@ -114,9 +115,14 @@ def _http_error(response: requests.Response, what: str) -> DownloadError:
 
 
 def _request(method: str, url: str, what: str, **kwargs) -> requests.Response:
-    """A metadata request with bounded backoff on network errors and 408/429/5xx. Blocks."""
+    """A metadata request, retried with bounded backoff on 408/429/5xx and on connections that broke.
+    A host that cannot be reached at all (no DNS, refused, connect timeout: `download.network_cause`)
+    fails at once, naming the host and the cause. Each retry is one log line, which names the cause
+    the first time and whenever it changes. Blocks; raises DownloadError, NetworkError."""
     backoff = download.BACKOFF
     timeout = hf_etag_timeout()
+    origin = _origin(url)
+    shown = None
     for attempt in range(len(backoff) + 1):
         response = None
         try:
@@ -125,16 +131,32 @@ def _request(method: str, url: str, what: str, **kwargs) -> requests.Response:
             if response.status_code not in download.RETRY_STATUSES:
                 return response
             error: Exception = _http_error(response, what)
+            cause = f"HTTP {response.status_code}"
         except download.RETRYABLE_ERRORS as e:
             error = e
+            cause, retryable = download.network_cause(e)
+            if not retryable:
+                raise _unreachable(origin, cause) from e
         if attempt == len(backoff):
             break
         delay = download.retry_delay(attempt, response)
-        log.warning("%s failed (%s); retrying in %.1fs", what, error, delay)
+        step = f"retry {attempt + 1}/{len(backoff)} in {delay:g} s"
+        if cause != shown:
+            log.warning("%s: %s (%s); %s", what, cause, origin, step)
+            shown = cause
+        else:
+            log.warning("%s: %s", what, step)
         time.sleep(delay)
     if isinstance(error, DownloadError):
         raise error
-    raise NetworkError(f"{what}: {error}") from error
+    raise NetworkError(f"{what}: {cause} ({origin}, {len(backoff) + 1} attempts)") from error
+
+
+def _unreachable(origin: str, cause: str) -> NetworkError:
+    where = f"the Hugging Face hub at {origin}" if _is_hub(origin) else origin
+    return NetworkError(f"Cannot reach {where}: {cause}. Set HF_ENDPOINT to use a mirror, or "
+                        "LEMONADE_OFFLINE=1 to use only the models already downloaded.",
+                        {"host": origin, "cause": cause})
 
 
 # ---------------------------------------------------------------- repo info and file metadata

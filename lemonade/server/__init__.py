@@ -65,11 +65,14 @@ def run_server(config, on_ready=None, persistent: bool = False) -> int:
         single_instance.release(single_instance.ROUTER)
 
 
-def _attach_log_file() -> None:
+def _attach_log_file(config) -> None:
     """Also write the log to `server_log_path()`, truncated at start (C++ `lemonade-server` sends the
-    router's output there), so `/logs/stream` has a file to tail whoever started the server."""
+    router's output there), so `/logs/stream` has a file to tail whoever started the server. With
+    `--log-file` the log already goes to that file, which `/logs/stream` tails instead."""
     from lemonade.utils import path_utils
 
+    if config.log_file:
+        return
     path = path_utils.server_log_path()
     try:
         handler = logging.FileHandler(path, mode="w", encoding="utf-8")
@@ -84,15 +87,16 @@ def _attach_log_file() -> None:
 
 def _serve(config, on_ready, persistent: bool) -> int:
     from lemonade import single_instance
-    from lemonade.backends import registry
+    from lemonade.backends import llamacpp_rpc, registry
     from lemonade.backends.llamacpp_server import LlamaCppOptions
     from lemonade.error_types import LemonadeError
     from lemonade.router import Limits, Router
+    from lemonade.server import security
     from lemonade.server.handlers import Api
     from lemonade.server.httpd import CLIENT_IDLE_TIMEOUT, LemonadeHTTPServer, serve_forever_in_thread
     from lemonade.utils import path_utils
 
-    _attach_log_file()
+    _attach_log_file(config)
     models = registry.model_manager()
     try:
         models.supported_models()
@@ -103,20 +107,33 @@ def _serve(config, on_ready, persistent: bool) -> int:
             log.info("Embedded model %s placed in the Hugging Face cache", info.name)
     except LemonadeError as e:
         log.warning("Could not place the embedded models: %s", e.message)
+    try:
+        workers = tuple(llamacpp_rpc.parse_workers(config.rpc_workers)) if config.rpc_workers else ()
+    except LemonadeError as e:
+        return _fail(f"Error: --rpc-workers / ${path_utils.ENV_RPC_WORKERS}: {e.message}", persistent)
     options = LlamaCppOptions(ctx_size=config.ctx_size, backend=config.llamacpp,
-                              custom_args=config.llamacpp_args, binary=config.llama_server)
+                              custom_args=config.llamacpp_args, binary=config.llama_server,
+                              rpc_workers=workers)
+    if workers:
+        log.info("llama.cpp RPC workers for every llamacpp model: %s", llamacpp_rpc.format_workers(workers))
     router = Router(models, options, Limits(config.max_loaded_models, config.idle_timeout))
     stop = threading.Event()
     api = Api(router, models, config, on_shutdown=stop.set)
     bind_host = "127.0.0.1" if config.host == "localhost" else config.host
+    keys = security.Keys.from_env()  # read once: a running server keeps the keys it started with
     try:
         httpd = LemonadeHTTPServer((bind_host, config.port), api,
-                                   client_timeout=path_utils.client_timeout(CLIENT_IDLE_TIMEOUT))
+                                   client_timeout=path_utils.client_timeout(CLIENT_IDLE_TIMEOUT),
+                                   hooks=security.default_hooks(keys))
     except OSError as e:
         # C++ ignores listen()'s result and exits 0 on a busy port (cli.md §2); we say so and fail.
         return _fail(f"Error: cannot listen on {config.host}:{config.port}: {e.strerror or e}", persistent)
     config.port = httpd.server_address[1]  # the real port when 0 was asked for
     log.info("[Server] Starting on %s:%d", config.host, config.port)
+    log.info("[Server] %s", security.describe(keys))
+    warning = security.unsecured_bind_warning(bind_host, keys)
+    if warning:
+        log.warning("[Server] %s", warning)
     single_instance.write_pid_file(config.port, config.host)
     if persistent:
         _print_started(config)

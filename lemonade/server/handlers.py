@@ -6,16 +6,17 @@ real cause of an error we return it (see CMake-parity-docs/server.md).
 """
 from __future__ import annotations
 
-import json
 import logging
-import re
 import threading
 from typing import Any
 
 from lemonade import __version__, streaming_proxy
 from lemonade.error_types import (InvalidRequestError, LemonadeError, ModelNotFoundError,
                                   ModelNotLoadedError, ModelNotLoadedNamedError, simple_error_body)
-from lemonade.server.httpd import ClientDisconnected
+from lemonade.model_manager import SETTINGS as MODEL_SETTINGS
+from lemonade.server.anthropic_routes import AnthropicRoutes
+from lemonade.server.json_body import apply_no_think, check_messages, optional_field, parse_json_object
+from lemonade.server.ollama_routes import OllamaRoutes
 from lemonade.utils import json_checks
 from lemonade.utils.json_utils import dumps
 from lemonade.wrapped_server import BackendCall, StartProgress
@@ -26,116 +27,19 @@ MODEL_CREATED = 1234567890  # the constant `created` of C++ model entries (§4.2
 SHUTDOWN_DELAY = 0.1  # C++ answers, then stops 100 ms later (§4.19)
 
 
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+class Api(OllamaRoutes, AnthropicRoutes):
+    """Every route's handler (`routes.ROUTES` names them); the Ollama and Anthropic ones come from
+    their mixins."""
 
-
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """A request body as a JSON object. Raises InvalidRequestError with the parser's reason.
-
-    Stricter than `json.loads`, like nlohmann (which the C++ server and llama-server use): UTF-8
-    only (a BOM is skipped), no `NaN`/`Infinity`, no unpaired surrogate escapes. Each of those would
-    otherwise reach llama-server as bytes it refuses, or fail when we serialise the body again."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InvalidRequestError(f"Request body is not valid UTF-8: {e}") from None
-    text = text.removeprefix("\ufeff")
-    if not text.strip():
-        raise InvalidRequestError("Request body is empty; expected a JSON object")
-    try:
-        body = _STRICT_DECODER.decode(text)
-    except ValueError as e:
-        raise InvalidRequestError(f"Invalid JSON: {e}") from None
-    except RecursionError:
-        raise InvalidRequestError("Invalid JSON: nested too deeply") from None
-    if not isinstance(body, dict):
-        raise InvalidRequestError(f"Expected a JSON object, got {_json_type(body)}")
-    if _SURROGATE_ESCAPE.search(raw):
-        _check_encodable(body)
-    return body
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-# One decoder for every request: `json.loads` with any keyword argument builds a new one per call.
-_STRICT_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
-
-
-def _check_encodable(value) -> None:
-    """Unpaired surrogate escapes (`"\\ud800"`) decode to strings no UTF-8 encoder accepts."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidRequestError("Invalid JSON: unpaired UTF-16 surrogate in a string") from None
-
-
-def _json_type(value) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
-            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def optional_field(body: dict, key: str, kind: type, kind_name: str):
-    """`body[key]` if present and of `kind` (a bool is not a number here); None if absent or null."""
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        article = "an" if kind_name[0] in "aeiou" else "a"
-        raise InvalidRequestError(f"'{key}' must be {article} {kind_name}, got {_json_type(value)}")
-    return value
-
-
-def check_messages(messages: list) -> None:
-    """The message fields llama-server fails on with a 500 when they have the wrong type (tried
-    against it: a number as `role` or `name`, a text part whose `text` is missing or not a string,
-    `tool_calls` that is not an array of objects). Raises InvalidRequestError naming the field."""
-    if not all(isinstance(m, dict) for m in messages):
-        raise InvalidRequestError("'messages' must be an array of objects")
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        json_checks.check(message.get("role"), f"{where}.role", "string")
-        json_checks.optional(message, "name", "string", where=f"{where}.name")
-        content = message.get("content")
-        if isinstance(content, list):
-            for j, part in enumerate(content):
-                if isinstance(part, dict) and part.get("type") == "text":
-                    json_checks.check(part.get("text"), f"{where}.content[{j}].text", "string")
-        tool_calls = json_checks.optional(message, "tool_calls", "array", where=f"{where}.tool_calls")
-        if tool_calls is not None:
-            json_checks.objects(tool_calls, f"{where}.tool_calls")
-
-
-def apply_no_think(body: dict) -> bool:
-    """C++ B: `enable_thinking: false` prepends `/no_think\\n` to the last user message with string
-    content (§4.4 step 2). Returns whether the body changed."""
-    messages = body.get("messages")
-    if body.get("enable_thinking") is not False or not isinstance(messages, list):
-        return False
-    for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == "user" and isinstance(message.get("content"), str):
-            message["content"] = "/no_think\n" + message["content"]
-            return True
-    return False
-
-
-class Api:
     def __init__(self, router, models, config, on_shutdown):
         self.router = router
         self.manager = models
         self.config = config
         self.on_shutdown = on_shutdown
         self.requested_log_level = config.log_level  # C++ stores it and nothing reads it (§4.17)
+        from lemonade.server.metrics import BackendScraper
+
+        self.scraper = BackendScraper()  # llama-server /metrics, cached per backend
 
     # -- status ------------------------------------------------------------------------------------
 
@@ -157,6 +61,18 @@ class Api:
             "version": __version__,
         })
 
+    def metrics(self, h) -> None:
+        """Prometheus text (HEAD §7.6). Blocks for at most one scrape of each loaded llama-server."""
+        from lemonade.server import metrics
+
+        usage = self.router.usage()
+        texts = {m.info.name: self.scraper.text(m.backend.base_url())
+                 for m in usage.loaded if m.backend.exposes_metrics}
+        limit = self.router.limits.max_loaded
+        page = metrics.render(usage, __version__, {kind: limit for kind in MODEL_TYPES}, texts,
+                              metrics.system_gauges())
+        h.send_bytes(200, page.encode("utf-8"), metrics.CONTENT_TYPE)
+
     def live(self, h) -> None:
         """Liveness only: touches neither models nor the router (HEAD §7.7)."""
         h.send_json(200, {"status": "ok"})
@@ -170,14 +86,19 @@ class Api:
                 continue
             entry = {"checkpoint": info.checkpoint, "created": MODEL_CREATED, "id": name,
                      "object": "model", "owned_by": "lemonade", "recipe": info.recipe}
+            if info.base_url:  # a remote upstream (ours); its key variable is not shown
+                entry["base_url"] = info.base_url
             if show_all:
                 entry.update(name=name, downloaded=downloaded, labels=info.labels)
             entries.append(entry)
         h.send_json(200, {"data": entries, "object": "list"})
 
     def model_by_id(self, h, id: str) -> None:
+        """GA's fields plus the OpenAI model object's `object`, `created`, `owned_by` (HEAD §3.12),
+        which the openai client's `models.retrieve` reads."""
         info = self.manager.get_model(id)  # ModelNotFoundError → 404
-        h.send_json(200, {"checkpoint": info.checkpoint, "id": info.name, "name": info.name,
+        h.send_json(200, {"checkpoint": info.checkpoint, "created": MODEL_CREATED, "id": info.name,
+                          "name": info.name, "object": "model", "owned_by": "lemonade",
                           "recipe": info.recipe})
 
     def stats(self, h) -> None:
@@ -317,6 +238,8 @@ class Api:
             "vision": bool(optional_field(body, "vision", bool, "boolean")),
             "mmproj": optional_field(body, "mmproj", str, "string") or "",
             "do_not_upgrade": bool(optional_field(body, "do_not_upgrade", bool, "boolean")),
+            # ours: a remote upstream (`recipe: remote`) and llama.cpp RPC workers of a user model
+            "settings": {key: optional_field(body, key, str, "string") or "" for key in MODEL_SETTINGS},
         }
 
         def work(progress) -> dict[str, Any]:
@@ -360,7 +283,7 @@ class Api:
     def logs_stream(self, h) -> None:
         from lemonade.server import logs
 
-        logs.stream_log(h)
+        logs.stream_log(h, self.config.log_file)
 
     # -- misc --------------------------------------------------------------------------------------
 
@@ -404,13 +327,15 @@ def health_entry(model) -> dict[str, Any]:
     """One `all_models_loaded` entry (HEAD `router.cpp` 1286-1359; fields we cannot know are left out)."""
     info, backend = model.info, model.backend
     busy = model.in_flight > 0
+    pool = "unmetered" if backend.unmetered else f"standard/{info.model_type}"  # HEAD: cloud models
     return {"model_name": info.name, "checkpoint": info.checkpoint, "type": info.model_type,
-            "residency_class": "standard", "slot_pool": f"standard/{info.model_type}", "device": "cpu",
+            "residency_class": "standard", "slot_pool": pool, "device": "cpu",
             "backend_url": backend.base_url(), "pid": backend.pid, "launch_command": backend.launch_command,
             "status": "in_use" if busy else "ready", "backend_alive": True,
             "backend_health": "busy" if busy else "ready", "loaded": True, "watchdog_reset": False,
             "pinned": model.pinned, "recipe": info.recipe, "recipe_options": {}, "is_busy": busy,
-            "is_streaming": model.streams > 0, "last_use": int(model.last_use * 1000)}
+            "is_streaming": model.streams > 0, "last_use": int(model.last_use * 1000),
+            **backend.health_details()}
 
 
 class OpenAiSink:
@@ -418,6 +343,7 @@ class OpenAiSink:
 
     def __init__(self, h, check=None):
         self.h, self.check = h, check
+        self.stream_chunk = h.relay_writer()  # ReplySink.stream_chunk: raises ClientGone when the client left
 
     def json(self, status: int, body: Any) -> None:
         if status == 200 and self.check:
@@ -427,14 +353,9 @@ class OpenAiSink:
     def stream_start(self) -> None:
         self.h.start_sse()
 
-    def stream_chunk(self, data: bytes) -> None:
-        try:
-            self.h.write_chunk(data)
-        except ClientDisconnected as e:
-            raise streaming_proxy.ClientGone() from e
-
     def stream_end(self, error: dict | None) -> None:
         if error is not None:  # an OpenAI error object in a data frame, and no [DONE] (HEAD §7.4)
+            self.h.outcome = f"stream broke off: {error.get('message', '')}"
             self.stream_chunk(b"data: " + dumps({"error": error}) + b"\n\n")
         self.h.end_chunks()
 
@@ -443,7 +364,7 @@ def progress_stream(h, work) -> None:
     """Run `work(progress)` with its progress as SSE `progress` events, then `complete` with its
     result, or `error` (a pull's event stream; a load's uses the same, http-api §4.9)."""
     h.start_sse()
-    write = _chunk_writer(h)
+    write = h.relay_writer()
 
     def on_progress(event) -> None:
         write(b"event: progress\ndata: " + dumps(progress_event(event)) + b"\n\n")
@@ -452,6 +373,7 @@ def progress_stream(h, work) -> None:
         result = work(on_progress)
         write(b"event: complete\ndata: " + dumps(result) + b"\n\n")
     except LemonadeError as e:
+        h.outcome = f"failed: {e.message}"  # the access line's 200 went out before the work failed
         write(b"event: error\ndata: " + dumps({"error": e.message}) + b"\n\n")
     except streaming_proxy.ClientGone:
         h.close_connection = True
@@ -459,21 +381,12 @@ def progress_stream(h, work) -> None:
     h.end_chunks()
 
 
-def _chunk_writer(h):
-    def write(data: bytes) -> None:
-        try:
-            h.write_chunk(data)
-        except ClientDisconnected as e:
-            raise streaming_proxy.ClientGone() from e
-    return write
-
-
 def progress_event(p) -> dict[str, Any]:
     """A progress event as upstream's SSE `progress` fields: a DownloadProgress (file bytes), or a
     load's StartProgress (waiting for the backend's health)."""
     if isinstance(p, StartProgress):
         return {"stage": p.stage, "model_name": p.model, "elapsed": round(p.elapsed, 1)}
-    return {"file": p.file, "file_index": p.file_index, "total_files": p.file_count,
+    return {"stage": p.stage, "file": p.file, "file_index": p.file_index, "total_files": p.file_count,
             "bytes_downloaded": p.bytes_done, "bytes_total": p.bytes_total,
             "total_download_size": p.total_bytes, "total_downloaded": p.total_done,
             "percent": round(p.percent, 1)}

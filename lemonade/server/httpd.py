@@ -16,6 +16,7 @@ from typing import Callable, Optional
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from lemonade import error_types
+from lemonade.streaming_proxy import ClientGone
 from lemonade.error_types import (InvalidRequestError, LemonadeError, RequestTimeoutError,
                                   RequestTooLargeError, UnsupportedCodingError)
 from lemonade.server.connections import Connection, ConnectionServer, ConnReader, Limits, SocketWriter
@@ -34,14 +35,16 @@ DISCARD_LIMIT = 1024 * 1024  # unread bodies up to this size are drained to keep
 # Methods cpp-httplib parses (httplib.h `parse_request_line`) but for which no route exists: 404.
 # Any other method is a malformed request line for httplib: 400 (http.server would say 501).
 KNOWN_METHODS_WITHOUT_ROUTES = ("PUT", "DELETE", "PATCH", "CONNECT", "TRACE")
+# GA's CORS headers: what an answer carries unless a hook (`security.origin_hook`) set the request's own
+# (`Handler.cors_headers`), e.g. an allowed `Origin` echoed back.
 CORS_HEADERS = (
     ("Access-Control-Allow-Origin", "*"),
     ("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS"),
     ("Access-Control-Allow-Headers", "Content-Type, Authorization"),
 )
-SSE_HEADERS = (("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
-               ("Connection", "keep-alive"), ("X-Accel-Buffering", "no"),
-               ("Transfer-Encoding", "chunked"))
+SSE_CONTENT_TYPE = "text/event-stream"
+STREAM_HEADERS = (("Cache-Control", "no-cache"), ("Connection", "keep-alive"), ("X-Accel-Buffering", "no"),
+                  ("Transfer-Encoding", "chunked"))
 METHOD_NOT_ALLOWED_BODY = b'{"error": "Method Not Allowed. Use POST for this endpoint"}'  # literal in C++
 
 class Headers:
@@ -160,6 +163,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "lemonade"
     sys_version = ""
+    cors_headers: tuple = CORS_HEADERS  # per request; hooks replace it (see CORS_HEADERS)
     timeout = CLIENT_IDLE_TIMEOUT
 
     def setup(self) -> None:
@@ -188,6 +192,7 @@ class Handler(BaseHTTPRequestHandler):
         """Check the request line and read the header fields (replaces http.server's, whose header
         parsing went through `email`). On failure the error answer is sent and False returned."""
         self.command = None
+        self.cors_headers = CORS_HEADERS  # nothing of the previous request on this connection carries over
         self.request_version = self.default_request_version
         self.http_version = (0, 9)
         self.close_connection = True
@@ -267,6 +272,7 @@ class Handler(BaseHTTPRequestHandler):
         length cannot be known (`body_framing`)."""
         self.status_sent = 0
         self.route = None
+        self.outcome = ""  # set by a handler whose status line cannot tell (an SSE stream that failed)
         self.url_path, self.query = self.path, {}
         self.body_pending = False
         self.chunked = body_framing(self.headers, self.http_version)
@@ -325,7 +331,13 @@ class Handler(BaseHTTPRequestHandler):
             getattr(self.server.api, route.handler)(self, **params)
 
     def _log_done(self) -> None:
-        log.info("[Server] %s %s - %s", self.command, self.url_path, self.status_sent or "closed")
+        """The access line. A stream's status line went out as 200 before its work ended; when that
+        work failed, the line says so and is a warning (`POST /api/v1/pull - 200 (failed: …)`)."""
+        status = self.status_sent or "closed"
+        if self.outcome:
+            log.warning("[Server] %s %s - %s (%s)", self.command, self.url_path, status, self.outcome)
+        else:
+            log.info("[Server] %s %s - %s", self.command, self.url_path, status)
 
     # -- request bodies ----------------------------------------------------------------------------
 
@@ -394,7 +406,7 @@ class Handler(BaseHTTPRequestHandler):
         lines = [f"{self.protocol_version} {status} {self.responses.get(status, ('',))[0]}"]
         if content_type:
             lines.append(f"Content-Type: {content_type}")
-        lines += [f"{k}: {v}" for k, v in CORS_HEADERS + tuple(headers)]
+        lines += [f"{k}: {v}" for k, v in self.cors_headers + tuple(headers)]
         lines.append(f"Content-Length: {len(body)}")
         if getattr(self, "body_pending", False):
             self.close_connection = True  # the unread body would be parsed as the next request
@@ -407,7 +419,8 @@ class Handler(BaseHTTPRequestHandler):
     def send_json(self, status: int, obj) -> None:
         self._send(status, dumps(obj), "application/json")
 
-    def send_bytes(self, status: int, body: bytes, content_type: str, headers: tuple = ()) -> None:
+    def send_bytes(self, status: int, body: bytes, content_type: str | None, headers: tuple = ()) -> None:
+        """`body` as is; no Content-Type header when `content_type` is None."""
         self._send(status, body, content_type, headers)
 
     def send_error_exc(self, error: LemonadeError) -> None:
@@ -424,8 +437,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def start_sse(self, extra_headers: tuple = ()) -> None:
         """Send the SSE headers. For HEAD that is the whole answer: raises ResponseComplete."""
-        lines = [f"{self.protocol_version} 200 OK"]
-        lines += [f"{k}: {v}" for k, v in SSE_HEADERS + CORS_HEADERS + tuple(extra_headers)]
+        self.start_stream(SSE_CONTENT_TYPE, extra_headers)
+
+    def start_stream(self, content_type: str, extra_headers: tuple = ()) -> None:
+        """Send the headers of a 200 answer of `content_type` whose body follows in chunks
+        (`write_chunk`, `end_chunks`): SSE, or the NDJSON of the Ollama dialect. Raises
+        ClientDisconnected; for HEAD the headers are the whole answer: raises ResponseComplete."""
+        lines = [f"{self.protocol_version} 200 OK", f"Content-Type: {content_type}"]
+        lines += [f"{k}: {v}" for k, v in STREAM_HEADERS + self.cors_headers + tuple(extra_headers)]
         try:
             self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         except OSError as e:
@@ -448,6 +467,17 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
         except OSError as e:
             raise ClientDisconnected() from e
+
+    def relay_writer(self) -> Callable[[bytes], None]:
+        """`write_chunk` for a relay (`streaming_proxy.relay`, a `ReplySink`): a client that left
+        raises streaming_proxy.ClientGone, which makes the relay close its backend request."""
+        def write(data: bytes) -> None:
+            try:
+                self.write_chunk(data)
+            except ClientDisconnected as e:
+                self.close_connection = True
+                raise ClientGone() from e
+        return write
 
     def log_message(self, format: str, *args) -> None:
         log.debug("%s - %s", self.address_string(), format % args)

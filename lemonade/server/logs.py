@@ -22,9 +22,10 @@ HEARTBEAT = b": heartbeat\n\n"
 _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # TAB is harmless in a field
 
 
-def stream_log(h) -> None:
-    """Blocks until the client leaves (or for HEAD, returns after the headers)."""
-    path = path_utils.server_log_path()
+def stream_log(h, path: str | None = None) -> None:
+    """Stream `path` (`serve --log-file`), else `server_log_path()`. Blocks until the client leaves
+    (or for HEAD, returns after the headers)."""
+    path = path or path_utils.server_log_path()
     try:
         log_file = open(path, "rb")
     except OSError:

@@ -17,6 +17,8 @@ class Errors(enum.Enum):
 
     OPENAI = "openai"  # {"error": {"message", "type", …}} (C++ ErrorResponse)
     STRING = "string"  # {"error": "<text>"}: the C++ management handlers' shape, read by its CLI
+    OLLAMA = "ollama"  # {"error": "<text>"} with HEAD's Ollama statuses (`ollama_api.errors`)
+    ANTHROPIC = "anthropic"  # {"type": "error", "error": {"type", "message"}} (`anthropic_api.errors`)
 
 
 class Head(enum.Enum):
@@ -34,7 +36,7 @@ class Auth(enum.Enum):
 
 @dataclass(frozen=True)
 class Route:
-    method: str  # GET or POST (HEAD looks up GET; OPTIONS is answered before routing)
+    method: str  # GET, POST or DELETE (HEAD looks up GET; OPTIONS is answered before routing)
     path: str  # exact, or ending in "{name}": that name takes the rest of the path
     handler: str  # a method of `handlers.Api`, or "method_not_allowed"
     reads_body: bool = False
@@ -53,7 +55,8 @@ class Route:
         return self.path[:self.path.rindex("{")] if self.param else self.path
 
 
-API_PREFIXES = ("/api/v0/", "/api/v1/")
+# GA's two prefixes, then HEAD's two (head-llm-surface.md §7.1: every OpenAI and Lemonade endpoint under all four).
+API_PREFIXES = ("/api/v0/", "/api/v1/", "/v0/", "/v1/")
 METHOD_NOT_ALLOWED = "method_not_allowed"
 
 
@@ -68,6 +71,36 @@ def _api(method: str, endpoint: str, handler: str, **attrs) -> list[Route]:
 _STATUS = {"head": Head.EMPTY}  # GA's HEAD shortcut on the status routes
 _BODY = {"reads_body": True}
 _MANAGEMENT = {"reads_body": True, "errors": Errors.STRING}
+_OLLAMA = {"errors": Errors.OLLAMA}
+_OLLAMA_BODY = {"reads_body": True, "errors": Errors.OLLAMA}
+_ANTHROPIC_BODY = {"reads_body": True, "errors": Errors.ANTHROPIC}
+
+# The Ollama API (HEAD `S/ollama_api.cpp:156-223`, spec head §5.1): under `/api/` only, no prefix
+# variants, and no 405 rows (httplib answers another method there with its 404). The four routes
+# Lemonade does not support answer 501 and never read their (possibly large) bodies.
+OLLAMA_ROUTES: list[Route] = [
+    Route("POST", "/api/chat", "ollama_chat", **_OLLAMA_BODY),
+    Route("POST", "/api/generate", "ollama_generate", **_OLLAMA_BODY),
+    Route("GET", "/api/tags", "ollama_tags", **_OLLAMA),
+    Route("POST", "/api/show", "ollama_show", **_OLLAMA_BODY),
+    Route("DELETE", "/api/delete", "ollama_delete", **_OLLAMA_BODY),
+    Route("POST", "/api/pull", "ollama_pull", **_OLLAMA_BODY),
+    Route("POST", "/api/embed", "ollama_embed", **_OLLAMA_BODY),
+    Route("POST", "/api/embeddings", "ollama_embeddings", **_OLLAMA_BODY),
+    Route("GET", "/api/ps", "ollama_ps", **_OLLAMA),
+    Route("GET", "/api/version", "ollama_version", **_OLLAMA),
+    *(Route("POST", path, "ollama_not_supported", **_OLLAMA)
+      for path in ("/api/create", "/api/copy", "/api/push", "/api/blobs/{digest}")),
+]
+
+# Anthropic Messages (HEAD `S/anthropic_api.cpp:183-186`, spec head §6): HEAD serves only
+# `POST /v1/messages`; the `/api/v1` twins and count_tokens are ours (the issue asks for both).
+ANTHROPIC_ROUTES: list[Route] = [
+    Route("POST", prefix + endpoint, handler, **_ANTHROPIC_BODY)
+    for prefix in ("/v1/", "/api/v1/")
+    for endpoint, handler in (("messages", "anthropic_messages"),
+                              ("messages/count_tokens", "anthropic_count_tokens"))
+]
 
 ROUTES: list[Route] = [
     *_api("GET", "health", "health", **_STATUS),
@@ -93,9 +126,12 @@ ROUTES: list[Route] = [
     Route("POST", "/internal/shutdown", "shutdown", reads_body=True, auth=Auth.ADMIN),
     Route("POST", "/internal/pin", "pin", reads_body=True, auth=Auth.ADMIN),
     Route("GET", "/live", "live", auth=Auth.PUBLIC),
+    Route("GET", "/metrics", "metrics"),  # HEAD §7.6: root only, the API key when one is set
     Route("GET", "/", "root", auth=Auth.PUBLIC),
     Route("GET", "/webapp.html", "webapp", auth=Auth.PUBLIC),
     Route("GET", "/static/{path}", "static", auth=Auth.PUBLIC),
+    *OLLAMA_ROUTES,
+    *ANTHROPIC_ROUTES,
 ]
 
 

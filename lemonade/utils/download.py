@@ -76,6 +76,46 @@ class ChecksumError(DownloadError):
     """The finished file does not hash to the expected digest, twice in a row."""
 
 
+def network_cause(error: BaseException) -> tuple[str, bool]:
+    """(a one-line cause, whether retrying can help) of a failed request. `requests` wraps the real
+    cause two or three levels deep (ConnectionError → urllib3 MaxRetryError → NewConnectionError →
+    the socket error), and its text repeats the whole chain; this finds the socket-level cause.
+
+    An unresolvable host, a refused connection, a connect timeout and a TLS failure are not
+    retried: without a network (or with a wrong HF_ENDPOINT) each retry only adds its backoff to
+    the wait before the same answer. Resets, read timeouts and cut bodies are retried."""
+    import socket
+    import ssl
+
+    seen: set[int] = set()
+    stack: list[BaseException] = [error]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, socket.gaierror) or type(e).__name__ == "NameResolutionError":
+            return "cannot resolve the host name (no network or no DNS)", False
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused", False
+        if isinstance(e, requests.exceptions.ConnectTimeout):
+            return "connection timed out", False
+        if isinstance(e, (ssl.SSLError, requests.exceptions.SSLError)) and e is not error:
+            return f"TLS error ({e})", False
+        if isinstance(e, requests.exceptions.ProxyError):
+            return "the proxy refused or failed the connection", False
+        if isinstance(e, ConnectionResetError):
+            return "connection reset by the server", True
+        if isinstance(e, (requests.exceptions.ReadTimeout, socket.timeout)):
+            return "no answer in time (read timeout)", True
+        stack.extend(x for x in (e.__cause__, e.__context__, getattr(e, "reason", None), *e.args)
+                     if isinstance(x, BaseException))
+    if isinstance(error, requests.exceptions.SSLError):
+        return "TLS error", False
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text[:200], True
+
+
 def retry_delay(attempt: int, response: requests.Response | None) -> float:
     """Backoff before the `attempt`-th retry (0-based); a numeric Retry-After on the answer wins (H:144-166)."""
     if response is not None:
@@ -220,17 +260,25 @@ class FileDownload:
                 try:
                     self._get(f)
                     continue
-                except (*RETRYABLE_ERRORS, _Interrupted, _RetryableStatus) as e:
+                except (_Interrupted, _RetryableStatus) as e:
                     error: Exception = e
+                    cause = str(e)
+                except RETRYABLE_ERRORS as e:
+                    error = e
+                    cause, retryable = network_cause(e)
+                    if not retryable:
+                        origin = urlsplit(self.url)
+                        raise NetworkError(f"Cannot reach {origin.scheme}://{origin.netloc} to download "
+                                           f"{self.name}: {cause}") from e
                 except requests.RequestException as e:  # a bad URL, too many redirects: no retry helps
                     raise NetworkError(f"Download of {self.name} failed: {e}") from e
                 # Bytes arrived: the budget starts over (FD:459-486); MAX_ATTEMPTS still bounds it.
                 failures = 0 if self.offset > before else failures + 1
                 if failures >= TRIES_WITHOUT_PROGRESS:
-                    raise NetworkError(f"Download of {self.name} failed: {error}") from error
+                    raise NetworkError(f"Download of {self.name} failed: {cause}") from error
                 delay = getattr(error, "delay", None) or BACKOFF[min(failures, len(BACKOFF) - 1)]
                 log.warning("Download of %s interrupted at %d/%s bytes (%s); resuming in %.1fs", self.name,
-                            self.offset, self.size if self.size is not None else "?", error, delay)
+                            self.offset, self.size if self.size is not None else "?", cause, delay)
                 time.sleep(delay)
 
     def _restart(self, f) -> None:

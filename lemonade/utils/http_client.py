@@ -4,7 +4,8 @@ Two kinds of client, by cost:
   * the hot path, a request proxied to a backend child (`post_json`, `post_stream`), uses pooled
     keep-alive connections to 127.0.0.1 and a small HTTP/1.1 client of its own (see "the wire"
     below): `requests` cost about 2.3 ms of CPU per call here, `http.client` 0.7 ms, this one less
-    than half of that (bench/profile_proxy.py, bench/proxy_overhead.py);
+    than half of that (bench/profile_proxy.py, bench/proxy_overhead.py). The same client reaches
+    remote upstreams (another host, http or https, extra headers such as a key; never a proxy);
   * everything else (health probes, downloads) uses one pooled `requests.Session` per origin. Sessions
     for loopback targets ignore `HTTP_PROXY` and friends (`trust_env = False`).
 """
@@ -13,9 +14,10 @@ from __future__ import annotations
 import json
 import re
 import socket
+import ssl
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 from urllib.parse import urlsplit
 
 import requests
@@ -90,12 +92,14 @@ class BackendTimeout(NetworkError):
     """The peer accepted the request but did not answer in time."""
 
 
-def post_json(url: str, body: bytes, timeout: float | None = None) -> JsonReply:
-    """POST a JSON body to a loopback backend and parse the answer. Blocks; raises NetworkError when
+def post_json(url: str, body: bytes, timeout: float | None = None,
+              headers: Mapping[str, str] | None = None) -> JsonReply:
+    """POST a JSON body to a backend (a loopback child, or a remote upstream over http or https, with
+    extra `headers` such as its Authorization) and parse the answer. Blocks; raises NetworkError when
     no answer arrives (BackendTimeout after `timeout`, default `$LEMONADE_BACKEND_TIMEOUT` or 300 s)."""
     if timeout is None:
         timeout = path_utils.backend_timeout(BACKEND_TIMEOUT)
-    response = _backend_post(url, body, timeout)
+    response = _backend_request("POST", url, body, timeout, headers=headers)
     try:
         return JsonReply(response.status_code, response.json_or_text())
     finally:
@@ -117,15 +121,26 @@ def get_json(url: str, timeout: float = BACKEND_TIMEOUT) -> JsonReply:
     return JsonReply(response.status_code, parsed)
 
 
-def post_stream(url: str, body: bytes, read_timeout: float = STREAM_IDLE_TIMEOUT) -> "BackendResponse":
-    """POST to a loopback backend and return the open response (iterate `iter_chunks`, then close).
+def fetch_json(url: str, timeout: float, headers: Mapping[str, str] | None = None) -> JsonReply:
+    """GET `url` through the backend client (no proxy, as every backend call) and parse the answer:
+    a remote upstream's health probe. Blocks up to about `timeout`; raises NetworkError."""
+    response = _backend_request("GET", url, b"", timeout, headers=headers)
+    try:
+        return JsonReply(response.status_code, response.json_or_text())
+    finally:
+        response.close()
+
+
+def post_stream(url: str, body: bytes, read_timeout: float = STREAM_IDLE_TIMEOUT,
+                headers: Mapping[str, str] | None = None) -> "BackendResponse":
+    """POST to a backend and return the open response (iterate `iter_chunks`, then close).
 
     No total timeout: a long generation is not cut (C++ cut at 300 s; spec http-api §5 recommends not
     to). `read_timeout` bounds the silence between two chunks, so a hung backend frees the thread.
     """
     # A connection is not kept after a stream: llama-server often closes it right after the last chunk
     # without saying so, and the next request would pay a failed attempt before its retry.
-    return _backend_post(url, body, read_timeout, keep_alive=False)
+    return _backend_request("POST", url, body, read_timeout, keep_alive=False, headers=headers)
 
 
 def iter_chunks(response: "BackendResponse") -> Iterator[bytes]:
@@ -187,7 +202,8 @@ class BackendResponse:
 
 
 # -- the wire ----------------------------------------------------------------------------------------
-# A lean HTTP/1.1 client for our own children on 127.0.0.1. `http.client` parses every header block
+# A lean HTTP/1.1 client for our own children on 127.0.0.1, and for remote upstreams (other hosts,
+# https through `ssl`, never through a proxy). `http.client` parses every header block
 # with the `email` package and sends head and body in two writes; on this path that cost about 0.45 ms
 # per proxied request on a machine idling between requests (bench/proxy_overhead.py), most of the
 # router's added latency. What a backend may send us is narrow (llama-server, flm), so a small parser
@@ -196,9 +212,24 @@ class BackendResponse:
 MAX_LINE = 65536  # longest request, status, header or chunk-size line (http.server's and http.client's limit)
 MAX_HEADERS = 100
 JOIN_BODY_LIMIT = 65536  # bodies up to this size leave in the same write as the head
-_REQUEST_HEAD = ("POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept-Encoding: identity\r\n"
+_REQUEST_HEAD = ("{method} {path} HTTP/1.1\r\nHost: {authority}\r\nAccept-Encoding: identity\r\n"
                  "Content-Type: application/json\r\nUser-Agent: " + USER_AGENT + "\r\n"
-                 "Content-Length: {length}\r\n\r\n")
+                 "Content-Length: {length}\r\n{extra}\r\n")
+FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # no CR, LF or other controls: no header injection
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
+
+
+def header_block(headers: Mapping[str, str] | None) -> str:
+    """Extra request header lines, each ending in CRLF. Raises ValueError on a name that is not a
+    token or a value holding CR, LF or another control character (it would split the request)."""
+    if not headers:
+        return ""
+    lines = []
+    for name, value in headers.items():
+        if not _FIELD_NAME.fullmatch(name) or not FIELD_VALUE.fullmatch(value):
+            raise ValueError(f"header {name!r} has a name or value that cannot be sent")
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines)
 
 
 class HeaderError(Exception):
@@ -302,19 +333,28 @@ class _Connection:
     """One connection to a backend: the request goes out in one write, the answer is read through a
     buffered reader."""
 
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None):
+        self.host, self.port, self.tls = host, port, tls
+        self.authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.sock: socket.socket | None = None
         self.rfile = None
 
-    def send(self, path: str, body: bytes, timeout: float) -> None:
-        """Connect if needed and write the request. Raises OSError."""
+    def send(self, method: str, path: str, body: bytes, timeout: float, extra: str = "") -> None:
+        """Connect (with TLS for https) if needed and write the request. Raises OSError (ssl.SSLError
+        included, e.g. a certificate that does not verify)."""
         if self.sock is None:
             sock = socket.create_connection((self.host, self.port), CONNECT_TIMEOUT)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is not None:
+                try:
+                    sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+                except BaseException:
+                    sock.close()
+                    raise
             self.sock, self.rfile = sock, sock.makefile("rb")
         self.sock.settimeout(timeout)
-        head = _REQUEST_HEAD.format(path=path, host=self.host, port=self.port, length=len(body)).encode("latin-1")
+        head = _REQUEST_HEAD.format(method=method, path=path, authority=self.authority, length=len(body),
+                                    extra=extra).encode("latin-1")
         if len(body) <= JOIN_BODY_LIMIT:
             self.sock.sendall(head + body)
         else:  # a large body (an image, say) is not copied just to save one write
@@ -424,8 +464,8 @@ class _ConnectionPool:
     most one is kept.
     """
 
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None):
+        self.host, self.port, self.tls = host, port, tls
         self._idle: _Connection | None = None
         self._in_flight = 0
         self._lock = threading.Lock()  # guards _idle and _in_flight
@@ -436,7 +476,7 @@ class _ConnectionPool:
             conn, self._idle = self._idle, None
         if conn is not None:
             return conn, True
-        return _Connection(self.host, self.port), False
+        return _Connection(self.host, self.port, self.tls), False
 
     def release(self, conn: _Connection, reusable: bool = True) -> None:
         """Hand back a connection whose request is over; it is closed unless it can be kept."""
@@ -448,31 +488,41 @@ class _ConnectionPool:
             conn.close()
 
 
-_pools: dict[tuple[str, int], _ConnectionPool] = {}
+_pools: dict[tuple[str, str, int], _ConnectionPool] = {}
 _pools_lock = threading.Lock()  # guards _pools
 _DROPPED = (_Dropped, ConnectionResetError, BrokenPipeError)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def _pool_for(url: str) -> tuple[_ConnectionPool, str]:
     parts = urlsplit(url)
-    key = (parts.hostname or "127.0.0.1", parts.port or 80)
+    scheme = parts.scheme or "http"
+    if scheme not in _DEFAULT_PORTS:
+        raise NetworkError(f"unsupported URL scheme {scheme!r} in {url}")
+    key = (scheme, parts.hostname or "127.0.0.1", parts.port or _DEFAULT_PORTS[scheme])
     with _pools_lock:
         pool = _pools.get(key)
         if pool is None:
-            pool = _pools[key] = _ConnectionPool(*key)
-    return pool, parts.path + (f"?{parts.query}" if parts.query else "")
+            tls = ssl.create_default_context() if scheme == "https" else None  # verifies the certificate
+            pool = _pools[key] = _ConnectionPool(key[1], key[2], tls)
+    return pool, (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
-def _backend_post(url: str, body: bytes, timeout: float, keep_alive: bool = True) -> BackendResponse:
-    """Send one POST and read the answer's head. A pooled connection that the backend has closed
+def _backend_request(method: str, url: str, body: bytes, timeout: float, keep_alive: bool = True,
+                     headers: Mapping[str, str] | None = None) -> BackendResponse:
+    """Send one request and read the answer's head. A pooled connection that the backend has closed
     meanwhile (llama-server drops keep-alive connections after 5 s idle or a few requests, after a
     stream sometimes without `Connection: close`) fails before the request was read, so it is sent once
     more on a fresh connection (libcurl in C++ B does the same). A timeout is never retried."""
     pool, path = _pool_for(url)
+    try:
+        extra = header_block(headers)
+    except ValueError as e:
+        raise NetworkError(str(e)) from None
     while True:
         conn, reused = pool.acquire()
         try:
-            conn.send(path, body, timeout)
+            conn.send(method, path, body, timeout, extra)
             return BackendResponse(pool, conn, conn.read_head(), keep_alive)
         except socket.timeout as e:
             pool.release(conn, reusable=False)
@@ -487,10 +537,22 @@ def _backend_post(url: str, body: bytes, timeout: float, keep_alive: bool = True
 
 
 def is_reachable(url: str, timeout: float = 1.0) -> bool:
-    """True iff GET `url` answers 200 within `timeout` seconds (C++ `is_reachable`)."""
+    """True iff GET `url` answers 200 within `timeout` seconds (C++ `is_reachable`). Blocks up to
+    about twice `timeout` (connect, then the answer); never raises.
+
+    The health probe of a child that is starting: a refused connection is its normal answer for the
+    first few rounds, so this uses a fresh `http.client` connection (stdlib, no logging) rather than a
+    `requests` session, whose urllib3 pool reports connection failures in the server log."""
+    import http.client
+
+    parts = urlsplit(url)
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = connection_class(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
     try:
-        response = session_for(url).get(url, timeout=(timeout, timeout))
-        response.close()
-        return response.status_code == 200
-    except requests.RequestException:
+        conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                     headers={"User-Agent": USER_AGENT})
+        return conn.getresponse().status == 200
+    except (OSError, http.client.HTTPException, ValueError):
         return False
+    finally:
+        conn.close()

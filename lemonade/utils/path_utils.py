@@ -42,12 +42,19 @@ ENV_LLAMACPP_ARGS = "LEMONADE_LLAMACPP_ARGS"
 ENV_LOG_LEVEL = "LEMONADE_LOG_LEVEL"
 ENV_MAX_LOADED_MODELS = "LEMONADE_MAX_LOADED_MODELS"  # HEAD's `max_loaded_models` (ours as an env var)
 ENV_IDLE_TIMEOUT = "LEMONADE_IDLE_TIMEOUT"  # ours
+ENV_RPC_WORKERS = "LEMONADE_RPC_WORKERS"  # llama.cpp RPC workers host:port,... for every llamacpp model (ours)
 SERVER_SETTINGS = (ENV_PORT, ENV_HOST, ENV_CTX_SIZE, ENV_LLAMACPP, ENV_LLAMACPP_ARGS, ENV_LOG_LEVEL,
-                   ENV_MAX_LOADED_MODELS, ENV_IDLE_TIMEOUT)
+                   ENV_MAX_LOADED_MODELS, ENV_IDLE_TIMEOUT, ENV_RPC_WORKERS)
 DEFAULT_LLAMACPP_DOWNLOAD_BASE = "https://github.com"
 # `run` never starts a browser: upstream's Python `lemonade-server run` (src/lemonade_server/cli.py L352 at
 # 61dda2d04), which its CI test test/server_cli.py sets; C++ B has no such switch and always tries xdg-open.
 ENV_DISABLE_BROWSER = "LEMONADE_DISABLE_BROWSER"
+# Security (lemonade HEAD, head-llm-surface.md §4): the two keys and the origin allowlist. The keys are
+# secrets: no child process inherits them (`child_environment`).
+ENV_API_KEY = "LEMONADE_API_KEY"
+ENV_ADMIN_API_KEY = "LEMONADE_ADMIN_API_KEY"
+ENV_ALLOWED_ORIGINS = "LEMONADE_ALLOWED_ORIGINS"
+SECRET_ENV_VARS = (ENV_API_KEY, ENV_ADMIN_API_KEY)
 _TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 
 
@@ -237,6 +244,13 @@ def server_settings_from_env() -> dict[str, str]:
     return {name: os.environ[name] for name in SERVER_SETTINGS if name in os.environ}
 
 
+def secret_from_env(name: str) -> str | None:
+    """The value of the environment variable `name`, None when it is unset or empty: a remote
+    upstream's API key, which its model entry names (`api_key_env`) instead of holding. Callers
+    never log or store the value."""
+    return os.environ.get(name) or None
+
+
 def llamacpp_download_base() -> str:
     """Where llama.cpp release zips come from: `$LEMONADE_LLAMACPP_DOWNLOAD_BASE`, else github.com."""
     return (os.environ.get(ENV_LLAMACPP_DOWNLOAD_BASE) or DEFAULT_LLAMACPP_DOWNLOAD_BASE).rstrip("/")
@@ -281,3 +295,33 @@ def shown_path(path: str | os.PathLike) -> str:
 def server_log_path() -> Path:
     """The C++ CLI's server log (cli.md §3): `/tmp/lemonade-server.log`, under `runtime_dir()`."""
     return runtime_dir() / "lemonade-server.log"
+
+
+def api_key() -> str:
+    """`$LEMONADE_API_KEY`, or "" when unset or empty (then the API routes need no key)."""
+    return os.environ.get(ENV_API_KEY, "")
+
+
+def admin_api_key() -> str:
+    """`$LEMONADE_ADMIN_API_KEY`, or "" (`server.security.Keys` then uses the API key in its place)."""
+    return os.environ.get(ENV_ADMIN_API_KEY, "")
+
+
+def client_api_key() -> str:
+    """The key a CLI command sends: the admin key when set, else the API key (HEAD `cli/main.cpp`
+    1544-1548: the admin key opens every route); "" for none."""
+    return os.environ.get(ENV_ADMIN_API_KEY) or api_key()
+
+
+def allowed_origins_setting() -> str:
+    """The raw `$LEMONADE_ALLOWED_ORIGINS` (comma list, `*`, `null`); `server.security` parses it."""
+    return os.environ.get(ENV_ALLOWED_ORIGINS, "")
+
+
+def child_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child process: `env` (else ours) without the secrets of SECRET_ENV_VARS,
+    which no backend needs and which `/proc/<pid>/environ` would show."""
+    source = dict(os.environ) if env is None else dict(env)
+    for name in SECRET_ENV_VARS:
+        source.pop(name, None)
+    return source

@@ -16,9 +16,12 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
+
+from lemonade.utils import path_utils
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,6 @@ class Child:
     name: str
     popen: subprocess.Popen
     output_tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=OUTPUT_TAIL_LINES))
-    drained: threading.Event = field(default_factory=threading.Event)  # set once the output hit EOF
 
     @property
     def pid(self) -> int:
@@ -60,10 +62,13 @@ class Child:
     def tail_text(self) -> str:
         return "\n".join(self.output_tail)
 
-    def output_drained(self, timeout: float) -> bool:
-        """Wait (bounded) until every line the child wrote is in `output_tail`; for a child that has
-        exited, whose last lines may still be in the pipe."""
-        return self.drained.wait(timeout)
+    def wait_drained(self, limit: float = 1.0) -> None:
+        """Give the output thread up to `limit` seconds to read the last words of a child that has
+        exited (it closes stdout at the end), so an error can quote them. Blocks; never raises."""
+        deadline = time.monotonic() + limit
+        stdout = self.popen.stdout
+        while stdout is not None and not stdout.closed and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def spawn(name: str, argv: Sequence[str], env: dict[str, str] | None = None,
@@ -78,7 +83,7 @@ def spawn(name: str, argv: Sequence[str], env: dict[str, str] | None = None,
     def start() -> subprocess.Popen:
         return subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=env, start_new_session=True, restore_signals=not ignore_sigpipe,
+            env=path_utils.child_environment(env), start_new_session=True, restore_signals=not ignore_sigpipe,
             preexec_fn=_set_parent_death_signal if _prctl is not None else None)
 
     popen = _spawner.submit(start).result()
@@ -92,15 +97,12 @@ def spawn(name: str, argv: Sequence[str], env: dict[str, str] | None = None,
 def _drain(child: Child, child_log: logging.Logger) -> None:
     # An unread PIPE blocks the child once full: read every line, keep a bounded tail for errors.
     assert child.popen.stdout is not None
-    try:
-        for raw in child.popen.stdout:
-            line = raw.decode("utf-8", "replace").rstrip()
-            child.output_tail.append(line)
-            if "GET /health" not in line:  # readiness polls would flood the log
-                child_log.debug("[%s] %s", child.name, line)
-        child.popen.stdout.close()
-    finally:
-        child.drained.set()
+    for raw in child.popen.stdout:
+        line = raw.decode("utf-8", "replace").rstrip()
+        child.output_tail.append(line)
+        if "GET /health" not in line:  # readiness polls would flood the log
+            child_log.debug("[%s] %s", child.name, line)
+    child.popen.stdout.close()
 
 
 def stop(child: Child, grace: float = STOP_GRACE_SECONDS) -> None:

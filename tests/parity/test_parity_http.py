@@ -93,10 +93,15 @@ def test_models_show_all(router):
     assert not any(m["recipe"].startswith(("oga-", "flm", "ryzenai")) for m in data)  # Linux filter
 
 
-def test_model_by_id(router):
+@pytest.mark.differs_from_cpp("ours adds the OpenAI model object's `object`, `created` and `owned_by` "
+                              "(HEAD §3.12), which the openai client's models.retrieve reads")
+def test_model_by_id(router, is_cpp):
     r = requests.get(f"{router.api}/models/{MODEL}", timeout=10)
     assert r.status_code == 200
-    assert r.json() == {"checkpoint": CHECKPOINT, "id": MODEL, "name": MODEL, "recipe": "llamacpp"}
+    expected = {"checkpoint": CHECKPOINT, "id": MODEL, "name": MODEL, "recipe": "llamacpp"}
+    if not is_cpp:
+        expected.update(object="model", created=1234567890, owned_by="lemonade")
+    assert r.json() == expected
 
 
 @pytest.mark.differs_from_cpp("a handler 404 names its cause; C++ replaces every 404 body with the generic one")
@@ -161,12 +166,45 @@ def test_other_methods_are_generic_404(router, method):
     assert_cors(r)
 
 
-@pytest.mark.parametrize("path", ["/api/v1/nope", "/v1/chat/completions", "/api/v2/health", "/api/v1/halt",
+@pytest.mark.parametrize("path", ["/api/v1/nope", "/v2/chat/completions", "/api/v2/health", "/api/v1/halt",
                                   "/api/v0/test"])
 def test_unknown_route_is_generic_404(router, path):
     r = requests.get(router.url + path, timeout=10)
     assert_generic_404(r, path)
     assert_cors(r)
+
+
+@pytest.mark.differs_from_cpp("lemonade HEAD's /v0 and /v1 prefixes: clients written for HEAD use /v1")
+def test_v1_prefix_serves_the_openai_routes(router, is_cpp):
+    models = requests.get(router.url + "/v1/models", timeout=30)
+    chat = requests.get(router.url + "/v1/chat/completions", timeout=10)
+    if is_cpp:
+        assert_generic_404(models, "/v1/models")
+        assert_generic_404(chat, "/v1/chat/completions")
+    else:
+        assert models.status_code == 200
+        assert models.json() == requests.get(router.api + "/models", timeout=30).json()
+        assert chat.status_code == 405  # a POST route, as under /api/v1
+        assert chat.json() == {"error": "Method Not Allowed. Use POST for this endpoint"}
+    assert_cors(models)
+
+
+@pytest.mark.differs_from_cpp("a page of another origin may not drive the server (lemonade HEAD's origin check)")
+def test_foreign_origin(router, is_cpp):
+    origin = {"Origin": "https://evil.example"}
+    health = requests.get(router.api + "/health", headers=origin, timeout=10)
+    delete = requests.post(router.api + "/delete", data=b'{"model": "No-Such-Model"}', timeout=10,
+                           headers={**origin, "Content-Type": "text/plain"})
+    if is_cpp:
+        assert health.status_code == 200 and health.headers["Access-Control-Allow-Origin"] == "*"
+        assert delete.status_code == 422  # the delete ran; only the unknown name saved the model
+    else:
+        assert health.status_code == 403 and health.json() == {"error": "Origin not allowed"}
+        assert delete.status_code == 403
+        assert "Access-Control-Allow-Origin" not in health.headers
+    local = requests.get(router.api + "/health", headers={"Origin": "http://localhost:5173"}, timeout=10)
+    assert local.status_code == 200
+    assert local.headers["Access-Control-Allow-Origin"] == ("*" if is_cpp else "http://localhost:5173")
 
 
 def test_unknown_route_head_is_404_without_body(router):
@@ -220,8 +258,19 @@ def test_delete_unknown_model_is_422(router):
     assert r.status_code == 422 and r.json() == {"error": "Model not found: user.Nothing"}
 
 
+@pytest.mark.differs_from_cpp("deleting a registry model that was never downloaded deletes nothing; C++ "
+                              "answers success (`Deleted model: …`), ours 422 saying nothing was there")
+def test_delete_never_downloaded(router, is_cpp):
+    r = requests.post(router.api + "/delete", json={"model": "Qwen3-8B-GGUF"}, timeout=30)
+    if is_cpp:
+        assert r.status_code == 200 and r.json()["status"] == "success"
+    else:
+        assert r.status_code == 422
+        assert r.json() == {"error": "Model Qwen3-8B-GGUF is not downloaded: nothing to delete"}
+
+
 PULL_ERRORS = [
-    ({"model": "Not-Registered"},
+    ({"model": "Not-Registered", "checkpoint": "org/Some-GGUF:Q4_0", "recipe": "llamacpp"},
      "When registering a new model, the model name must include the `user` namespace, for example "
      "`user.Phi-4-Mini-GGUF`. Received: Not-Registered"),
     ({"model_name": "user.Unknown"},
@@ -244,6 +293,18 @@ def test_pull_validation(router, is_cpp, body, message):
     assert r.status_code == (500 if is_cpp else 400)
     assert r.json() == {"error": message}
     assert not list(router.home.rglob("user_models.json"))  # nothing was registered
+
+
+@pytest.mark.differs_from_cpp("a pull of a name the registry lacks, given without a checkpoint, names the "
+                              "closest registry names; C++ answers with its `user` namespace rule (and 500)")
+def test_pull_unknown_name(router, is_cpp):
+    r = requests.post(router.api + "/pull", json={"model": "Not-Registered"}, timeout=60)
+    if is_cpp:
+        assert r.status_code == 500 and "`user` namespace" in r.json()["error"]
+    else:
+        assert r.status_code == 400
+        assert r.json()["error"].startswith("Unknown model: Not-Registered. Did you mean ")
+    assert not list(router.home.rglob("user_models.json"))
 
 
 @pytest.mark.differs_from_cpp("invalid JSON is a client error (400 with an error object); C++ answers 500 "

@@ -283,11 +283,12 @@
     try {
       const resp = await fetch(L.API_BASE + '/chat/completions', {
         method: 'POST',
-        headers: { 'Content-Type': 'application/json' },
+        headers: L.authHeaders({ 'Content-Type': 'application/json' }),
         body: JSON.stringify({ model, messages: state.messages, stream: true, ...requestOptions() }),
         signal: state.controller.signal,
       });
       L.setBusyStatus(null);
+      L.noteStatus(resp.status);
       const type = resp.headers.get('Content-Type') || '';
       if (!resp.ok || !type.includes('text/event-stream')) {
         const body = await resp.text();
@@ -322,7 +323,7 @@
     state.controller.abort();
     // Same as upstream's UI: a fire-and-forget halt. The server may not have
     // the route (404); the abort above is what actually ends the stream.
-    fetch(L.API_BASE + '/halt').catch(() => {});
+    fetch(L.API_BASE + '/halt', { headers: L.authHeaders() }).catch(() => {});
   }
 
   function clearChat() {

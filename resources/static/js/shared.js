@@ -7,6 +7,63 @@
   const API_BASE = '/api/v1';
   const HEALTH_POLL_MS = 5000;
 
+  // ---------- API key ----------
+  // A server started with LEMONADE_API_KEY answers 401 without it. The user types the key once; it is
+  // kept in this origin's localStorage, which no page of another origin can read, and sent as
+  // `Authorization: Bearer`. The server never writes the key into a page (any local process could
+  // fetch the page, and a DNS-rebinding page could read it).
+  const KEY_STORAGE = 'lemonade.apiKey';
+  function apiKey() {
+    try { return localStorage.getItem(KEY_STORAGE) || ''; } catch (_) { return ''; }
+  }
+  function setApiKey(key) {
+    try {
+      if (key) localStorage.setItem(KEY_STORAGE, key);
+      else localStorage.removeItem(KEY_STORAGE);
+    } catch (_) { /* storage disabled: the key lasts for this page only */ }
+  }
+  function authHeaders(headers) {
+    const out = Object.assign({}, headers || {});
+    const key = apiKey();
+    if (key) out['Authorization'] = 'Bearer ' + key;
+    return out;
+  }
+  // Called with every response: a 401 opens the key dialog once.
+  function noteStatus(status) {
+    if (status === 401) askForKey(apiKey() ? 'The server refused this API key.' : 'This server needs an API key.');
+  }
+  function askForKey(reason) {
+    const dialog = document.getElementById('key-dialog');
+    if (!dialog || dialog.open) return;
+    const why = document.getElementById('key-reason');
+    if (why) why.textContent = reason || '';
+    const input = document.getElementById('key-input');
+    if (input) input.value = '';
+    dialog.showModal();
+    if (input) input.focus();
+  }
+  function setupKeyDialog() {
+    const dialog = document.getElementById('key-dialog');
+    if (!dialog) return;
+    const form = dialog.querySelector('form');
+    form.addEventListener('submit', (e) => {
+      e.preventDefault();
+      const value = document.getElementById('key-input').value.trim();
+      if (!value) return;
+      setApiKey(value);
+      dialog.close();
+      location.reload();   // every panel starts again with the key
+    });
+    document.getElementById('key-forget').addEventListener('click', () => {
+      setApiKey('');
+      dialog.close();
+      location.reload();
+    });
+    document.getElementById('key-cancel').addEventListener('click', () => dialog.close());
+    const button = document.getElementById('key-btn');
+    if (button) button.addEventListener('click', () => askForKey(apiKey() ? 'A key is stored for this page.' : ''));
+  }
+
   const events = new EventTarget();
 
   function emit(name, detail) { events.dispatchEvent(new CustomEvent(name, { detail })); }
@@ -34,7 +91,7 @@
   // fetch + JSON with errors turned into exceptions. `body` may be an object
   // (sent as JSON) or a FormData (sent as multipart, the browser sets the boundary).
   async function api(path, { method = 'GET', body, signal } = {}) {
-    const init = { method, signal, headers: {} };
+    const init = { method, signal, headers: authHeaders() };
     if (body instanceof FormData) {
       init.body = body;
     } else if (body !== undefined) {
@@ -42,6 +99,7 @@
       init.headers['Content-Type'] = 'application/json';
     }
     const resp = await fetch(API_BASE + path, init);
+    noteStatus(resp.status);
     const data = await readBody(resp);
     if (!resp.ok) {
       const e = new Error(errorMessage(data, resp.status));
@@ -188,13 +246,14 @@
   }
 
   window.Lemonade = {
-    API_BASE, api, el, on, emit, errorMessage, renderMarkdown,
+    API_BASE, api, authHeaders, noteStatus, el, on, emit, errorMessage, renderMarkdown,
     health, refreshHealth, setBusyStatus, startHealthPolling,
     serverModels, serverPort, modelLabels, requestedModel,
   };
 
   window.addEventListener('hashchange', showTab);
   document.addEventListener('DOMContentLoaded', () => {
+    setupKeyDialog();
     showTab();
     startHealthPolling();
   });
