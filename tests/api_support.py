@@ -103,6 +103,14 @@ def raw_request(port: int, data: bytes, method: str = "GET", timeout: float = 30
         return read_response(sock, method)
 
 
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything `sock` receives until the server closes the connection."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
 def request_bytes(method: str, path: str, body: bytes = b"", headers: dict | None = None,
                   content_length: bool = True) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]

@@ -21,8 +21,8 @@ import pytest
 import requests
 
 from api_support import (settled_resources, CORS, DEFAULT_MODEL, HELLO, backend_connections, backend_port,
-                         raw_connection, raw_request, read_response, request_bytes, running_server, server_process,
-                         slots_busy, wait_for, wait_for_baseline)
+                         raw_connection, raw_request, read_response, read_until_closed, request_bytes,
+                         running_server, server_process, slots_busy, wait_for, wait_for_baseline)
 
 SEED = 20251125
 CASES = 640
@@ -430,12 +430,7 @@ def test_stalled_clients_are_cut_and_block_nobody(quick_timeout_server):
     answers = []
     for sock in sockets:
         start = time.monotonic()
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = read_until_closed(sock)
         answers.append((data, time.monotonic() - start))
         sock.close()
     # Stalled before the request line or inside the headers: closed without an answer.

@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from api_support import raw_connection, raw_request, read_response, running_server, wait_for
+from api_support import raw_connection, raw_request, read_response, read_until_closed, running_server, wait_for
 
 LOAD_BODY = b'{"model_name": ""}'  # /load refuses it with its own message: proof the body was read
 CHUNKED_LOAD_BODY = b"12\r\n" + LOAD_BODY + b"\r\n0\r\n\r\n"
@@ -37,13 +37,7 @@ def _answer_then_closed(port: int, data: bytes) -> tuple:
     with raw_connection(port, timeout=10) as sock:
         sock.sendall(data)
         response = read_response(sock, "POST")
-        rest = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            rest += chunk
-        return response, rest
+        return response, read_until_closed(sock)
 
 
 @pytest.mark.parametrize("fields, body, status, message", [

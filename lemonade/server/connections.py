@@ -51,6 +51,8 @@ BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/j
 
 @dataclass(frozen=True)
 class Limits:
+    """The bounds of the connection layer (see the module docstring); seconds for the timeouts."""
+
     workers: int = 128
     queued: int = 512
     idle: int = 256
