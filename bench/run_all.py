@@ -28,6 +28,7 @@ BENCHES = {
     "concurrency": (["--rounds", "10"], ["--rounds", "2"]),
     "multi_model": (["--rounds", "3"], ["--rounds", "1"]),
     "multi_host": (["--rounds", "8"], ["--rounds", "2"]),  # needs root (network namespaces), else says so
+    "churn": (["--seconds", "60"], ["--seconds", "15"]),
 }
 DOWNLOAD_ARGS = ["--repeat", "1", "--extra-mb", "20"]
 

@@ -74,6 +74,12 @@ class LengthRequiredError(InvalidRequestError):
     status = 411
 
 
+class UnsupportedCodingError(InvalidRequestError):
+    """A request body in a transfer coding we cannot decode (RFC 9112 §6.1: 501)."""
+
+    status = 501
+
+
 class ConflictError(LemonadeError):
     """A name that is already taken (add-local-model)."""
 
@@ -130,6 +136,14 @@ class InstallationError(LemonadeError):
 class DownloadError(LemonadeError):
     error_type = "download_error"
     status = 500
+
+
+class NotInRepositoryError(DownloadError):
+    """A pull names a variant or an mmproj file the repository does not have: the request is at fault,
+    so 400 naming it (C++ answers 500 for every pull error)."""
+
+    error_type = "invalid_request"
+    status = 400
 
 
 class OfflineError(DownloadError):

@@ -320,10 +320,7 @@ class WrappedServer:
                 reason = self.death_error(child)
                 if reason is not None:
                     raise reason
-                tail = child.tail_text()
-                raise ProcessError(
-                    f"{self.server_name} failed to start: process exited with code {child.exit_code()}"
-                    + (f"\n{tail}" if tail else ""))
+                raise self._exited_while_starting(child)
             with self._cond:
                 if not self._is_current(attempt):
                     raise self._stopped_while_starting()
@@ -336,6 +333,19 @@ class WrappedServer:
                 progress(StartProgress("starting", self.model_name, now - started))
                 next_report = now + STARTING_REPORT_SECONDS
             time.sleep(READY_POLL_INTERVAL)
+
+    def _exited_while_starting(self, child: process_manager.Child) -> ProcessError:
+        """The error for a child that exited before it was ready. Its last output goes to the log, not
+        into the answer: it quotes absolute paths and, for a file that is not what it should be, the
+        file's first bytes (llama.cpp's "invalid magic characters"), neither of which a client is owed."""
+        code = child.exit_code()
+        child.wait_drained()
+        log.error("%s for %s exited with code %s while starting; its last output:", self.server_name,
+                  self.model_name, code)
+        for line in child.output_tail:
+            log.error("  [%s] %s", self.server_name, line)
+        return ProcessError(f"{self.server_name} failed to start: process exited with code {code} "
+                            "(its output is in the server log)")
 
     def stop(self) -> None:
         """Stop the child (TERM, bounded wait, KILL). Blocks for that; safe twice and on a dead child.
@@ -430,8 +440,7 @@ class WrappedServer:
             except NetworkError as e:
                 raise self.failure_error(e) from e
             if reply.status != 200:  # C++ GA wrapped it and answered 200; we keep the status
-                sink.json(backend_status_for_client(reply.status, reply.body),
-                          backend_error_body(self.server_name, reply.status, reply.body))
+                sink.json(*self.error_reply(reply.status, reply.body))
                 return None
             figures = None
             if isinstance(reply.body, dict):
@@ -453,8 +462,7 @@ class WrappedServer:
                 raise self.failure_error(e) from e
             finally:
                 response.close()
-            sink.json(backend_status_for_client(response.status_code, detail),
-                      backend_error_body(self.server_name, response.status_code, detail))
+            sink.json(*self.error_reply(response.status_code, detail))
             return None
         sink.stream_start()
         result = streaming_proxy.relay(response, self._chunk_writer(call, sink))
@@ -467,6 +475,22 @@ class WrappedServer:
             figures = self.telemetry.update(result.last_stats_frame, streaming=True)
         sink.stream_end(error)
         return Answered(figures) if error is None else None
+
+    def error_reply(self, status: int, response: Any) -> tuple[int, dict[str, Any]]:
+        """(status, body) for the client from a backend's non-200 answer: `backend_status_for_client`'s
+        status, except that a 5xx `is_input_error` calls a refused request is a 400 of type
+        `invalid_request_error`. The body keeps the backend's own status (`status_code`) and answer."""
+        body = backend_error_body(self.server_name, status, response)
+        shown = backend_status_for_client(status, response)
+        if shown >= 500 and self.is_input_error(status, response):
+            body["error"]["type"] = "invalid_request_error"
+            return 400, body
+        return shown, body
+
+    def is_input_error(self, status: int, response: Any) -> bool:
+        """Whether a 5xx answer is the backend refusing the request's content (a bad field) rather
+        than failing; none by default."""
+        return False
 
     def _chunk_writer(self, call: BackendCall, sink: ReplySink) -> Callable[[bytes], None]:
         """`sink.stream_chunk`, with the `model` member of each frame renamed to the client's name.

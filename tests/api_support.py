@@ -103,6 +103,14 @@ def raw_request(port: int, data: bytes, method: str = "GET", timeout: float = 30
         return read_response(sock, method)
 
 
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything `sock` receives until the server closes the connection."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
 def request_bytes(method: str, path: str, body: bytes = b"", headers: dict | None = None,
                   content_length: bool = True) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
@@ -133,7 +141,7 @@ def resources(proc: psutil.Process) -> tuple[int, int]:
 
 def settled_resources(proc: psutil.Process, timeout: float = 5.0, quiet: float = 0.3) -> tuple[int, int]:
     """(threads, fds) once the count has not moved for `quiet` seconds (handlers of earlier connections
-    may still be ending, or waiting for a next connection: those end HANDLER_IDLE_SECONDS later)."""
+    may still be ending, or waiting for work: those end connections.WORKER_IDLE_SECONDS later)."""
     last = resources(proc)
     deadline = time.monotonic() + timeout
     quiet_since = time.monotonic()

@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from lemonade.server.httpd import HANDLER_IDLE_SECONDS
+from lemonade.server.connections import WORKER_IDLE_SECONDS as HANDLER_IDLE_SECONDS
 
 from api_support import (settled_resources, assert_cors, not_found, raw_connection, read_response, request_bytes, resources,
                          running_server, server_process, wait_for, wait_for_baseline)
@@ -86,6 +86,7 @@ def test_missing_log_file_is_404(tmp_path, seeded_hub_cache):
         server.runtime_log.unlink()
         reply = requests.get(server.api + "/logs/stream")
         assert reply.status_code == 404
-        assert reply.json() == not_found("/api/v1/logs/stream", f"Log file not found: {server.runtime_log}")
+        # Named by its place in the runtime dir, not by the server's absolute path (issue 15 item 12).
+        assert reply.json() == not_found("/api/v1/logs/stream", "Log file not found: <runtime dir>/lemonade-server.log")
         assert_cors(reply.headers)
         wait_for(lambda: server.proc.poll() is None, 1)

@@ -119,8 +119,10 @@ def test_upload_real_gguf_then_chat_and_delete(server, gguf):
 
 def test_junk_gguf_fails_to_start_with_the_real_cause(server):
     """llama-server exits on a file that is not a GGUF. B's chat answers the generic 404 "endpoint does
-    not exist"; we answer 500 process_error with llama-server's exit and the tail of its output."""
-    reply = upload(server, {"model_name": "user.Junk", "recipe": "llamacpp"}, [("junk.gguf", b"not a gguf" * 100)])
+    not exist"; we answer 500 process_error with llama-server's exit code. Its output goes to the
+    server log, not into the answer: it quotes the file's first bytes ("invalid magic characters") and
+    absolute paths (issue 15 item 3)."""
+    reply = upload(server, {"model_name": "user.Junk", "recipe": "llamacpp"}, [("junk.gguf", b"SECRET-BYTES" * 100)])
     assert reply.status_code == 200
     reply = requests.post(server.api + "/chat/completions", timeout=TIMEOUT,
                           json={"model": "user.Junk", "messages": HELLO, "max_tokens": 4})
@@ -128,6 +130,9 @@ def test_junk_gguf_fails_to_start_with_the_real_cause(server):
     error = reply.json()["error"]
     assert error["type"] == "process_error"
     assert error["message"].startswith("llama-server failed to start: process exited with code ")
+    assert "SECR" not in reply.text and server.env["HF_HUB_CACHE"] not in reply.text
+    assert error["message"].endswith("(its output is in the server log)")
+    assert "exited with code" in server.log_text() and "[llama-server]" in server.log_text()
     assert not server.llama_processes()
 
 
@@ -151,6 +156,44 @@ def test_checks_in_cpp_order(server, fields, files, status, message):
         assert reply.json() == {"error": message}
     assert not leftovers(server)
     assert not any(p.name == "escape.gguf" for p in hub(server).parent.rglob("escape.gguf"))
+
+
+LONG = "x" * 300 + ".gguf"
+
+
+@pytest.mark.parametrize("files, message", [
+    ([("d/a\0b.gguf", b"G")], "Invalid file name in upload (NUL character): 'd/a\\x00b.gguf'"),
+    ([("d/" + LONG, b"G")], "File name in upload longer than 255 bytes: " + ("d/" + LONG)[:100] + "…"),
+    ([("d/a.gguf", b"G"), ("d/a.gguf/b.gguf", b"G")],
+     "File name in upload clashes with another file or folder of it: a.gguf/b.gguf"),
+    ([("d/a/b.gguf", b"G"), ("d/a", b"G")], "File name in upload clashes with another file or folder of it: a"),
+    ([("d/a.gguf", b"G"), ("d/a.gguf", b"H")], "File name in upload clashes with another file or folder of it: a.gguf"),
+])
+def test_file_names_no_disk_can_hold_are_400(server, files, message):
+    """Issue 15 item 12: these were 500s (the OS refused them mid-upload)."""
+    reply = upload(server, {"model_name": "user.Names", "recipe": "llamacpp"}, files)
+    assert reply.status_code == 400, reply.text
+    assert reply.json() == {"error": message}
+    assert not leftovers(server) and not (hub(server) / "models--Names").exists()
+    assert requests.get(server.api + "/health", timeout=10).status_code == 200
+
+
+def test_upload_never_replaces_a_hub_download(server, gguf):
+    """Issue 15 item 1: `user.org--repo` maps onto the cache folder `models--org--repo`; C++ B deletes
+    that folder and puts the upload in its place. The hub download must stay whole and usable."""
+    folder = hub(server) / "models--hugginllam--gemma-3-270m-Q4_K_M-GGUF"
+    before = sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*"))
+    reply = upload(server, {"model_name": "user.hugginllam--gemma-3-270m-Q4_K_M-GGUF", "recipe": "llamacpp"},
+                   [("d/tiny.gguf", b"GGUF" * 10)])
+    assert reply.status_code == 409
+    assert reply.json() == {"error": "Model name 'user.hugginllam--gemma-3-270m-Q4_K_M-GGUF' maps onto the "
+                                     "existing cache folder models--hugginllam--gemma-3-270m-Q4_K_M-GGUF; "
+                                     "please use a different name."}
+    assert sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*")) == before
+    assert not leftovers(server)
+    reply = requests.post(server.api + "/chat/completions", timeout=TIMEOUT,
+                          json={"model": DEFAULT_MODEL, "messages": HELLO, "max_tokens": 4})
+    assert reply.status_code == 200 and reply.json()["choices"]
 
 
 def test_not_multipart(server):

@@ -21,8 +21,8 @@ import pytest
 import requests
 
 from api_support import (settled_resources, CORS, DEFAULT_MODEL, HELLO, backend_connections, backend_port,
-                         raw_connection, raw_request, read_response, request_bytes, running_server, server_process,
-                         slots_busy, wait_for, wait_for_baseline)
+                         raw_connection, raw_request, read_response, read_until_closed, request_bytes,
+                         running_server, server_process, slots_busy, wait_for, wait_for_baseline)
 
 SEED = 20251125
 CASES = 640
@@ -406,6 +406,9 @@ def quick_timeout_server(tmp_path, seeded_hub_cache, monkeypatch):
 
 
 def test_stalled_clients_are_cut_and_block_nobody(quick_timeout_server):
+    """Four stalled clients: silent, inside the request line, inside the header fields (all three
+    held by the connection loop, no thread), and inside the body (the only one on a handler thread).
+    Everyone else is served at once meanwhile; each stalled one is cut after the 1 s timeout."""
     httpd = quick_timeout_server
     port = httpd.server_address[1]
     requests.get(f"http://127.0.0.1:{port}/api/v1/health")
@@ -417,8 +420,9 @@ def test_stalled_clients_are_cut_and_block_nobody(quick_timeout_server):
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         sock.sendall(data)
         sockets.append(sock)
-    wait_for(lambda: httpd.busy_handlers() == len(stalls), 5, what="a handler thread per stalled client")
-    # Others are served at once while four handlers wait on stalled clients.
+    wait_for(lambda: httpd.busy_handlers() == 1 and httpd.connections.counts()["reading"] == 2, 5,
+             what="the loop to hold three stalled clients and a handler the fourth")
+    # Others are served at once while the stalled clients wait.
     for _ in range(20):
         start = time.monotonic()
         assert requests.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=5).status_code == 200
@@ -426,12 +430,7 @@ def test_stalled_clients_are_cut_and_block_nobody(quick_timeout_server):
     answers = []
     for sock in sockets:
         start = time.monotonic()
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = read_until_closed(sock)
         answers.append((data, time.monotonic() - start))
         sock.close()
     # Stalled before the request line or inside the headers: closed without an answer.
@@ -446,12 +445,13 @@ def test_stalled_clients_are_cut_and_block_nobody(quick_timeout_server):
 
 
 def test_handler_threads_are_reused_and_do_not_linger(quick_timeout_server, monkeypatch):
-    """A new connection is served by a handler thread that is waiting, not by a new thread; a burst
-    leaves at most MAX_IDLE_HANDLERS waiting, and those end after HANDLER_IDLE_SECONDS."""
-    from lemonade.server import httpd as httpd_module
+    """A new connection is served by a handler thread that is waiting, not by a new thread; open
+    connections without a request cost no thread at all; after a burst at most MAX_IDLE_WORKERS
+    wait for work, and those end after WORKER_IDLE_SECONDS."""
+    from lemonade.server import connections
 
-    monkeypatch.setattr(httpd_module, "HANDLER_IDLE_SECONDS", 1.0)
-    monkeypatch.setattr(httpd_module, "MAX_IDLE_HANDLERS", 4)  # below the burst below
+    monkeypatch.setattr(connections, "WORKER_IDLE_SECONDS", 1.0)
+    monkeypatch.setattr(connections, "MAX_IDLE_WORKERS", 4)  # below the burst below
     httpd = quick_timeout_server
     url = f"http://127.0.0.1:{httpd.server_address[1]}/api/v1/health"
     seen = set()
@@ -461,14 +461,15 @@ def test_handler_threads_are_reused_and_do_not_linger(quick_timeout_server, monk
         seen.update(_handler_thread_objects(httpd))
     assert len(seen) == 1
     burst = [socket.create_connection(httpd.server_address, timeout=10) for _ in range(10)]
-    wait_for(lambda: httpd.busy_handlers() == 10, 5, what="a handler per open connection")
-    assert _handler_threads(httpd) == 10
+    wait_for(lambda: httpd.connections.counts()["idle"] == 10, 5, what="the loop to hold the open connections")
+    assert _handler_threads(httpd) <= 1  # open and silent: no thread each
+    for sock in burst:  # all ten at once: a handler each, up to the pool's bound
+        sock.sendall(request_bytes("GET", "/api/v1/params", headers={"Connection": "close"}))
     for sock in burst:
-        sock.sendall(request_bytes("GET", "/api/v1/health", headers={"Connection": "close"}))
-        assert read_response(sock).status == 200
+        assert read_response(sock).status == 405
         sock.close()
     wait_for(lambda: httpd.busy_handlers() == 0, 5, what="the burst to be served")
-    assert _handler_threads(httpd) <= httpd_module.MAX_IDLE_HANDLERS
+    assert _handler_threads(httpd) <= connections.MAX_IDLE_WORKERS
     wait_for(lambda: _handler_threads(httpd) == 0, 10, what="waiting handlers to end")
     assert requests.get(url).status_code == 200  # and a new one starts when none is waiting
 

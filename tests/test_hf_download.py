@@ -198,9 +198,11 @@ def test_a_disk_that_fills_while_writing_is_a_clear_error_and_nothing_counts(hub
     blobs = repo_dir(hf_env) / "blobs"
     blobs.mkdir(parents=True)
     (blobs / f"{etag}.incomplete").symlink_to("/dev/full")
-    with pytest.raises(DownloadError, match=r"Not enough disk space to download tiny-Q4_0.gguf: need 3.0 MB") as e:
+    with pytest.raises(DownloadError, match=rf"No space left on the disk to download tiny-Q4_0.gguf: need {len(Q4)} "
+                                            r"bytes \(3.0 MB\)") as e:
         download_checkpoint(f"{REPO}:Q4_0", GGUF)
-    assert e.value.details["path"] == str(blobs / f"{etag}.incomplete")
+    # Named by its place in the cache, not the server's absolute path (issue 15 item 12).
+    assert e.value.details["path"] == f"<HF cache>/{repo_dir(hf_env).name}/blobs/{etag}.incomplete"
     assert e.value.details["bytes_needed"] == len(Q4) and e.value.details["bytes_free"] > 0
     assert not (blobs / etag).exists() and not is_checkpoint_downloaded(f"{REPO}:Q4_0", GGUF)
 
@@ -307,10 +309,12 @@ def test_not_enough_disk_space_is_a_clear_error(hub, hf_env, monkeypatch):
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1_000_000))
     size = len(FILES["tiny-Q4_0.gguf"])
-    with pytest.raises(DownloadError, match=r"Not enough disk space to download tiny-Q4_0.gguf: need 3.0 MB "
-                                            rf"\({size} bytes\), 1.0 MB \(1000000 bytes\) free for .*\.incomplete") as e:
+    with pytest.raises(DownloadError, match=rf"No space left on the disk to download tiny-Q4_0.gguf: need {size} "
+                                            r"bytes \(3.0 MB\), 1000000 bytes \(1.0 MB\) free for "
+                                            r"<HF cache>/.*\.incomplete") as e:
         download_checkpoint(f"{REPO}:Q4_0", GGUF)
-    assert e.value.details["path"].startswith(str(repo_dir(hf_env) / "blobs"))
+    assert e.value.details["path"].startswith(f"<HF cache>/{repo_dir(hf_env).name}/blobs/")
+    assert e.value.status == 507
     assert hub.requests(server="cdn") == []
 
 

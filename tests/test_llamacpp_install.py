@@ -388,9 +388,10 @@ def test_not_enough_disk_space_is_said_before_writing(env, github, lib_bytes, mo
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     with pytest.raises(InstallationError) as e:
         inst.ensure_installed("vulkan")
-    assert e.value.message.startswith(f"Not enough disk space to download {ASSET}: need ")
-    assert f"({len(body)} bytes), 0.0 MB (1000 bytes) free for {env['hub'] / ASSET}.incomplete" in e.value.message
-    assert e.value.details == {"path": f"{env['hub'] / ASSET}.incomplete", "bytes_needed": len(body),
+    assert e.value.message.startswith(f"No space left on the disk to download {ASSET}: need ")
+    assert f"{len(body)} bytes ({len(body) / 1e6:.1f} MB), 1000 bytes (0.0 MB) free for <HF cache>/{ASSET}.incomplete" \
+        in e.value.message
+    assert e.value.details == {"path": f"<HF cache>/{ASSET}.incomplete", "bytes_needed": len(body),
                                "bytes_free": 1000}
     assert leftovers(env) == []
 
@@ -403,7 +404,7 @@ def test_a_disk_that_fills_while_writing_is_the_same_clear_error(env, github, li
     (env["hub"] / f"{ASSET}.incomplete").symlink_to("/dev/full")
     with pytest.raises(InstallationError) as e:
         inst.ensure_installed("vulkan")
-    assert e.value.message.startswith(f"Not enough disk space to download {ASSET}: need ")
+    assert e.value.message.startswith(f"No space left on the disk to download {ASSET}: need ")
     assert e.value.details["bytes_needed"] == len(body) and e.value.details["path"].endswith(".incomplete")
     assert leftovers(env) == [] and not inst.find_executable(env["dir"])
 

@@ -291,6 +291,24 @@ def test_hf_timeouts(monkeypatch, value, seconds):
         assert reader() == seconds
 
 
+@pytest.mark.parametrize("relative, shown", [
+    ("hf/models--o--r/blobs/e.incomplete", "<HF cache>/models--o--r/blobs/e.incomplete"),
+    ("hf", "<HF cache>"),
+    ("hfx/models--o--r", "{tmp}/hfx/models--o--r"),  # a sibling with the same prefix is not inside
+    ("lc/user_models.json", "<lemonade cache>/user_models.json"),
+    ("run/lemonade-server.log", "<runtime dir>/lemonade-server.log"),
+    ("elsewhere/x.gguf", "{tmp}/elsewhere/x.gguf"),
+])
+def test_shown_path_hides_the_server_layout(monkeypatch, tmp_path, relative, shown):
+    """Errors a client sees name files relative to the cache they are in (issue 15 item 12)."""
+    from lemonade.utils import path_utils
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("LEMONADE_CACHE_DIR", str(tmp_path / "lc"))
+    monkeypatch.setenv("LEMONADE_RUNTIME_DIR", str(tmp_path / "run"))
+    assert path_utils.shown_path(tmp_path / relative) == shown.format(tmp=tmp_path)
+
+
 def test_server_settings_from_env(monkeypatch):
     from lemonade.utils import path_utils
 

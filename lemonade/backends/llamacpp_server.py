@@ -197,6 +197,12 @@ def build_argv(binary: str, gguf: str, port: int, options: LlamaCppOptions, labe
     return argv + template + custom
 
 
+# Starts of llama-server's 500 messages that blame the request (tools/server: `Failed to parse …`
+# wraps an exception of its request parsing; the other two refuse a modality the model lacks).
+INPUT_ERROR_PREFIXES = ("Failed to parse messages:", "Failed to parse tools:", "image input is not supported",
+                        "audio input is not supported")
+
+
 class LlamaCppServer(WrappedServer):
     server_name = "llama-server"
     exposes_metrics = True  # started with --metrics
@@ -222,6 +228,15 @@ class LlamaCppServer(WrappedServer):
         return build_argv(str(self.binary), str(self.gguf), port, self.options, self.labels,
                           str(self.mmproj) if self.mmproj else None,
                           str(self.chat_template) if self.chat_template else None)
+
+    def is_input_error(self, status: int, response) -> bool:
+        """llama-server answers some malformed requests with 500 `server_error`: an exception while it
+        parses the messages or the tools, and image input to a model without a projector (found by
+        trying them against llama-server: a number as `role` or `name`, a text part without `text`,
+        `tools: 5`, an `image_url` part). Those are the client's to fix: 400."""
+        error = response.get("error") if isinstance(response, dict) else None
+        message = error.get("message") if isinstance(error, dict) else None
+        return status == 500 and isinstance(message, str) and message.startswith(INPUT_ERROR_PREFIXES)
 
     def reply_model_token(self) -> bytes | None:
         """llama-server names the model by the path given to `-m` (no `--alias` is passed, as C++),

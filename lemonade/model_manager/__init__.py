@@ -64,7 +64,10 @@ class ModelManager:
     # -- files in the cache ------------------------------------------------------------------------
 
     def model_files(self, info: ModelInfo) -> ModelFiles | None:
-        """The cached files of `info`, or None when it is not (completely) downloaded. No network."""
+        """The cached files of `info`, or None when it is not (completely) downloaded. No network.
+        Raises InvalidRequestError when the entry's `mmproj` is not a path inside the cache (a
+        hand-edited registry): nothing outside the model's files is ever given to a backend."""
+        check_mmproj(info.mmproj, info.name)
         if info.source == "local_upload":
             main = hf_cache.inside_cache(info.checkpoint)
             if main is None or not main.exists():
@@ -74,7 +77,11 @@ class ModelManager:
         return self.recipes(info.recipe).model_files(info)
 
     def is_downloaded(self, info: ModelInfo) -> bool:
-        return self.model_files(info) is not None
+        """No network; an entry whose files cannot be named (a bad mmproj) is not downloaded."""
+        try:
+            return self.model_files(info) is not None
+        except InvalidRequestError:
+            return False
 
     def disk_usage(self, info: ModelInfo) -> int | None:
         """Bytes the model's files take in the cache, None when it is not downloaded (or its engine
@@ -103,6 +110,8 @@ class ModelManager:
         known = self.supported_models().get(name)
         info = self._pull_target(name, known, checkpoint, recipe, reasoning, vision, mmproj)
         info = self._with_settings(info, known, checkpoint, settings or {})
+        if name.startswith(USER_PREFIX) or checkpoint:
+            registry.check_user_file(name)  # a broken registry refuses before anything is downloaded
         offline = path_utils.offline_setting()
         if offline is not None and self.is_downloaded(info):
             return self._register(name, checkpoint, info)  # complete: offline needs nothing more
@@ -145,6 +154,7 @@ class ModelManager:
 
     def _pull_target(self, name: str, known: ModelInfo | None, checkpoint: str, recipe: str,
                      reasoning: bool, vision: bool, mmproj: str) -> ModelInfo:
+        check_mmproj(mmproj)
         if known is not None and not checkpoint:
             if mmproj and not known.mmproj:
                 known.mmproj = mmproj
@@ -201,6 +211,20 @@ class ModelManager:
         else:
             self.recipes(info.recipe).delete(info)
         registry.remove_user_model(name)
+
+
+def check_mmproj(mmproj: str, model: str = "") -> None:
+    """`mmproj` must name a file inside the model's repository (or, for an upload, inside the cache),
+    by the rule of every other repo path (`hf_cache.check_repo_path`): no `..`, no absolute path.
+    Raises InvalidRequestError naming the field (and the model, for a registry entry)."""
+    if not mmproj:
+        return
+    try:
+        hf_cache.check_repo_path(mmproj)
+    except InvalidRequestError:
+        where = f"Model {model} has an invalid 'mmproj' in its registry entry" if model else "Invalid 'mmproj'"
+        raise InvalidRequestError(f"{where}: {mmproj[:200]!r} is not a file path inside the model's "
+                                  "repository (no '..', no absolute path)") from None
 
 
 SUGGESTIONS = 3  # closest registry names offered for an unknown model

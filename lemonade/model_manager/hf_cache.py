@@ -26,7 +26,7 @@ from typing import Iterator
 from lemonade.error_types import DownloadError, FileError, InvalidRequestError
 from lemonade.model_manager.hf_select import Selection, is_gguf, split_checkpoint
 from lemonade.utils.json_utils import write_atomic
-from lemonade.utils.path_utils import hf_cache_dir
+from lemonade.utils.path_utils import hf_cache_dir, shown_path
 
 log = logging.getLogger(__name__)
 
@@ -201,14 +201,14 @@ def delete_repo_cache(repo_id: str) -> Path:
     repo = RepoDir.of(repo_id)
     path = repo.path
     if path.is_symlink() or path.resolve().parent != repo.cache.resolve():
-        raise InvalidRequestError(f"Refusing to delete {path}: it resolves outside the Hugging Face cache")
+        raise InvalidRequestError(f"Refusing to delete {shown_path(path)}: it resolves outside the Hugging Face cache")
     if not path.exists():
         log.warning("Nothing to delete: %s does not exist", path)
         return path
     try:
         shutil.rmtree(path)
     except OSError as e:
-        raise FileError(f"Failed to delete {path}: {e}") from e
+        raise FileError(f"Failed to delete {shown_path(path)}: {e.strerror or e}") from e
     log.info("Deleted %s", path)
     return path
 
@@ -227,7 +227,7 @@ def snapshot_dir(checkpoint: str, revision: str = "main") -> Path | None:
 def cached_snapshot(repo: RepoDir, revision: str) -> Path:
     for snap in candidate_snapshots(repo, revision):
         return snap
-    raise DownloadError(f"No snapshot of {repo.repo_id} in {repo.cache}")
+    raise DownloadError(f"No snapshot of {repo.repo_id} in the Hugging Face cache")
 
 
 def candidate_snapshots(repo: RepoDir, revision: str) -> list[Path]:

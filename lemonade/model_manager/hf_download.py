@@ -308,7 +308,7 @@ def download_checkpoint(checkpoint: str, select: Selection, progress: ProgressCa
         if is_checkpoint_downloaded(checkpoint, select, revision):
             return cached_snapshot(repo, revision)
         raise DownloadError(f"Offline mode is enabled (LEMONADE_OFFLINE / HF_HUB_OFFLINE) and {checkpoint} "
-                            f"is not in the Hugging Face cache {repo.cache}")
+                            "is not in the Hugging Face cache")
     try:
         info = fetch_repo_info(repo_id, revision)
     except NetworkError:

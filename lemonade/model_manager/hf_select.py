@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from lemonade.error_types import DownloadError
+from lemonade.error_types import NotInRepositoryError
 
 Selection = Callable[[list, str, str], list]  # (siblings, variant, repo) -> repo paths, in order
 
@@ -53,33 +53,34 @@ def is_mmproj(name: str) -> bool:
 
 
 def select_gguf(siblings: list[str], variant: str, repo: str = "") -> list[str]:
-    """The GGUF file(s) of `variant`, first the one llama-server is given. Raises DownloadError."""
+    """The GGUF file(s) of `variant`, first the one llama-server is given. Raises NotInRepositoryError
+    (a DownloadError)."""
     if variant == "*":  # case 0: every .gguf, sorted (mmproj included, as in C++)
         found = sorted(f for f in siblings if is_gguf(f))
         if not found:
-            raise DownloadError(f"No .gguf files found in repository {repo}. {VARIANT_HINT}")
+            raise NotInRepositoryError(f"No .gguf files found in repository {repo}. {VARIANT_HINT}")
         return found
     if is_gguf(variant):  # case 1: an exact repo path (case-sensitive match, as in C++)
         if variant not in siblings:
-            raise DownloadError(
+            raise NotInRepositoryError(
                 f"File {variant} not found in Hugging Face repository {repo}. {VARIANT_HINT}")
         return [variant]
     if not variant:  # case 2: the first non-mmproj .gguf in repo order
         for f in siblings:
             if is_gguf(f) and not is_mmproj(f):
                 return [f]
-        raise DownloadError(f"No .gguf files found in Hugging Face repository {repo}. {VARIANT_HINT}")
+        raise NotInRepositoryError(f"No .gguf files found in Hugging Face repository {repo}. {VARIANT_HINT}")
     suffix = f"{variant}.gguf".lower()  # case 3: the single file ending in <variant>.gguf
     ending = [f for f in siblings if f.lower().endswith(suffix) and not is_mmproj(f)]
     if len(ending) == 1:
         return ending
     if len(ending) > 1:
-        raise DownloadError(
+        raise NotInRepositoryError(
             f"Multiple .gguf files found for variant {variant}, but only one is allowed. {VARIANT_HINT}")
     prefix = f"{variant}/".lower()  # case 4: every .gguf in the folder <variant>/ (sharded models)
     shards = sorted(f for f in siblings if is_gguf(f) and f.lower().startswith(prefix))
     if not shards:
-        raise DownloadError(f"No .gguf files found for variant {variant}. {VARIANT_HINT}")
+        raise NotInRepositoryError(f"No .gguf files found for variant {variant}. {VARIANT_HINT}")
     return shards
 
 
@@ -90,7 +91,7 @@ def gguf_selection(mmproj: str = "") -> Selection:
         files = select_gguf(siblings, variant, repo)
         if mmproj:
             if mmproj not in siblings:
-                raise DownloadError(f"The provided mmproj file {mmproj} was not found in {repo}.")
+                raise NotInRepositoryError(f"The provided mmproj file {mmproj} was not found in {repo}.")
             files.append(mmproj)
         files.extend(f for f in CONFIG_FILES if f in siblings)
         return list(dict.fromkeys(files))

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from lemonade.error_types import FileError
 from lemonade.utils import json_utils, path_utils
 
+log = logging.getLogger(__name__)
+
 USER_PREFIX = "user."
+USER_FILE_SHOWN = "user_models.json in the lemonade cache"  # how errors name it (no server path)
 
 
 @dataclass
@@ -72,15 +76,16 @@ class ModelInfo:
 
 
 def _from_entry(name: str, entry: dict[str, Any], default_suggested: bool) -> ModelInfo:
+    labels = entry.get("labels", [])
     return ModelInfo(
         name=name,
         checkpoint=str(entry.get("checkpoint", "")),
         recipe=str(entry.get("recipe", "")),
-        labels=[str(x) for x in entry.get("labels", [])],
+        labels=[str(x) for x in labels] if isinstance(labels, list) else [],
         mmproj=str(entry.get("mmproj", "") or ""),
         suggested=bool(entry.get("suggested", default_suggested)),
         source=str(entry.get("source", "") or ""),
-        size=entry.get("size"),
+        size=entry.get("size") if isinstance(entry.get("size"), (int, float)) else None,
         embedded_package=str(entry.get("package", "") or ""),
         chat_template=str(entry.get("chat_template_file", "") or ""),
         base_url=str(entry.get("base_url", "") or ""),
@@ -108,13 +113,52 @@ def load_builtin() -> dict[str, ModelInfo]:
 
 
 def load_user() -> dict[str, ModelInfo]:
-    """User models keyed `user.<key>`. A corrupt file is an error, never silently replaced."""
+    """User models keyed `user.<key>`. Never raises for the file's content: a file that is not a JSON
+    object is skipped whole, an entry that is not an object is skipped alone, each with a warning that
+    names the file and the problem (once per version of the file: the registry is read per request).
+    Built-in models keep working; the file is left as it is (`save_user_model` refuses to replace it)."""
+    path = path_utils.user_models_path()
     try:
-        data = json_utils.read_json(path_utils.user_models_path(), default={})
-    except ValueError as e:
-        raise FileError(f"Corrupt {path_utils.user_models_path()}: {e}") from e
-    return {USER_PREFIX + key: _from_entry(USER_PREFIX + key, entry, default_suggested=True)
-            for key, entry in data.items()}
+        data = read_user_file()
+    except FileError as e:
+        _warn_once(path, e.message)
+        return {}
+    models = {}
+    for key, entry in data.items():
+        if not isinstance(entry, dict):
+            _warn_once(path, f"entry {key!r} is {type(entry).__name__}, not an object; skipped")
+            continue
+        models[USER_PREFIX + key] = _from_entry(USER_PREFIX + key, entry, default_suggested=True)
+    return models
+
+
+def read_user_file() -> dict[str, Any]:
+    """The user registry as a dict ({} when the file does not exist). Raises FileError when it cannot
+    be read or is not a JSON object; the message names the file without the server's path."""
+    path = path_utils.user_models_path()
+    try:
+        data = json_utils.read_json(path, default={})
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
+        raise FileError(f"{USER_FILE_SHOWN} is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise FileError(f"{USER_FILE_SHOWN} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+_warned: set[tuple] = set()  # (path, mtime, size, problem) already reported
+
+
+def _warn_once(path, problem: str) -> None:
+    try:
+        stat = path.stat()
+        version = (str(path), stat.st_mtime_ns, stat.st_size, problem)
+    except OSError:
+        version = (str(path), 0, 0, problem)
+    if version not in _warned:
+        if len(_warned) > 64:  # one entry per edit of the file: keep the memory bounded
+            _warned.clear()
+        _warned.add(version)
+        log.warning("Ignoring user models from %s: %s", path, problem)
 
 
 @contextlib.contextmanager
@@ -127,7 +171,8 @@ def _user_file_lock() -> Iterator[None]:
 
 
 def save_user_model(info: ModelInfo) -> None:
-    """Add or replace one user entry (read-modify-write under the cross-process lock)."""
+    """Add or replace one user entry (read-modify-write under the cross-process lock). Blocks on the
+    lock; raises FileError when the file is broken (it is left as it is)."""
     key = info.name[len(USER_PREFIX):] if info.is_user else info.name
     entry: dict[str, Any] = {"checkpoint": info.checkpoint, "recipe": info.recipe,
                              "suggested": True, "labels": info.labels}
@@ -139,10 +184,9 @@ def save_user_model(info: ModelInfo) -> None:
         if getattr(info, setting):
             entry[setting] = getattr(info, setting)
     with _user_file_lock():
-        path = path_utils.user_models_path()
-        data = json_utils.read_json(path, default={})
+        data = _user_file_for_update(info.name)
         data[key] = entry
-        json_utils.write_json_atomic(path, data, indent=2)
+        json_utils.write_json_atomic(path_utils.user_models_path(), data, indent=2)
 
 
 def remove_user_model(name: str) -> bool:
@@ -151,10 +195,25 @@ def remove_user_model(name: str) -> bool:
         return False
     key = name[len(USER_PREFIX):]
     with _user_file_lock():
-        path = path_utils.user_models_path()
-        data = json_utils.read_json(path, default={})
+        data = _user_file_for_update(name)
         if key not in data:
             return False
         del data[key]
-        json_utils.write_json_atomic(path, data, indent=2)
+        json_utils.write_json_atomic(path_utils.user_models_path(), data, indent=2)
         return True
+
+
+def check_user_file(name: str) -> None:
+    """Raise FileError now when registering `name` would have to replace a broken user registry (a
+    pull checks before it downloads anything)."""
+    _user_file_for_update(name)
+
+
+def _user_file_for_update(name: str) -> dict[str, Any]:
+    """The user registry to change for `name`; FileError when it is broken: a broken file is never
+    replaced (that would drop every entry in it), the user fixes or removes it."""
+    try:
+        return read_user_file()
+    except FileError as e:
+        raise FileError(f"Cannot update the registry for {name}: {e.message}; fix or remove that file "
+                        "(nothing was changed)") from e

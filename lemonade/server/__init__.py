@@ -79,10 +79,10 @@ def _attach_log_file(config) -> None:
     except OSError as e:
         log.warning("Cannot write the log file %s: %s", path, e)
         return
-    root = logging.getLogger()
-    template = root.handlers[0].formatter if root.handlers else None
-    handler.setFormatter(template or logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
+    from lemonade.logging_config import one_line_formatter
+
+    handler.setFormatter(one_line_formatter())  # the file is what /logs/stream serves: one line per record
+    logging.getLogger().addHandler(handler)
 
 
 def _serve(config, on_ready, persistent: bool) -> int:

@@ -15,8 +15,9 @@ from lemonade.error_types import (InvalidRequestError, LemonadeError, ModelNotFo
                                   ModelNotLoadedError, ModelNotLoadedNamedError, simple_error_body)
 from lemonade.model_manager import SETTINGS as MODEL_SETTINGS
 from lemonade.server.anthropic_routes import AnthropicRoutes
-from lemonade.server.json_body import apply_no_think, optional_field, parse_json_object
+from lemonade.server.json_body import apply_no_think, check_messages, optional_field, parse_json_object
 from lemonade.server.ollama_routes import OllamaRoutes
+from lemonade.utils import json_checks
 from lemonade.utils.json_utils import dumps
 from lemonade.wrapped_server import BackendCall, StartProgress
 
@@ -122,8 +123,11 @@ class Api(OllamaRoutes, AnthropicRoutes):
         model = optional_field(body, "model", str, "string")
         stream = optional_field(body, "stream", bool, "boolean")
         messages = optional_field(body, "messages", list, "array")
-        if messages is not None and not all(isinstance(m, dict) for m in messages):
-            raise InvalidRequestError("'messages' must be an array of objects")
+        if messages is not None:
+            check_messages(messages)
+        tools = optional_field(body, "tools", list, "array")
+        if tools is not None:
+            json_checks.objects(tools, "tools")
         return raw, body, model, bool(stream)
 
     def _proxy(self, h, endpoint: str, rewrite=None, check=None, telemetry: bool = True) -> None:

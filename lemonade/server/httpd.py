@@ -8,9 +8,9 @@ body in one system call; SSE responses use chunked framing written chunk by chun
 from __future__ import annotations
 
 import logging
-import queue
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Optional
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -18,17 +18,19 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from lemonade import error_types
 from lemonade.streaming_proxy import ClientGone
 from lemonade.error_types import (InvalidRequestError, LemonadeError, RequestTimeoutError,
-                                  RequestTooLargeError)
+                                  RequestTooLargeError, UnsupportedCodingError)
+from lemonade.server.connections import Connection, ConnectionServer, ConnReader, Limits, SocketWriter
 from lemonade.server.routes import METHOD_NOT_ALLOWED, Head, Route, RouteTable, default_table
+from lemonade.utils import path_utils
 from lemonade.utils.json_utils import dumps
 from lemonade.utils.http_client import ChunkError, HeaderError, header_lines, next_chunk_size, read_chunk_data
 
 log = logging.getLogger(__name__)
 
 MAX_JSON_BODY = 32 * 1024 * 1024  # larger bodies get 413 without being read
-CLIENT_IDLE_TIMEOUT = 60.0  # a silent client cannot pin a handler thread forever
-HANDLER_IDLE_SECONDS = 5.0  # how long a handler thread without a connection waits for the next one
-MAX_IDLE_HANDLERS = 32  # enough for a burst of clients (the web UI, a concurrency test) to find one
+MAX_REQUEST_LINE = 8192  # longer request lines get 414, as cpp-httplib (CPPHTTPLIB_REQUEST_URI_MAX_LENGTH)
+CLIENT_IDLE_TIMEOUT = 60.0  # a silent client cannot pin a connection (or a handler thread) forever
+HEADER_TIMEOUT = 10.0  # a request head must arrive whole within this (nginx client_header_timeout: 60 s)
 DISCARD_LIMIT = 1024 * 1024  # unread bodies up to this size are drained to keep the connection
 # Methods cpp-httplib parses (httplib.h `parse_request_line`) but for which no route exists: 404.
 # Any other method is a malformed request line for httplib: 400 (http.server would say 501).
@@ -95,81 +97,69 @@ Hook = Callable[["Handler", Optional[Route]], bool]  # True: the hook answered t
 
 
 class LemonadeHTTPServer(ThreadingHTTPServer):
-    """One thread per open connection, as ThreadingHTTPServer, but a thread whose connection ended
-    waits a while for the next one instead of exiting: on a machine that had been idle, accept to
-    handler running took 0.63 ms with a new thread; handing the connection to a waiting thread is one
-    wake-up (a request on a new connection: p50 1.43 -> 1.2 ms). At most MAX_IDLE_HANDLERS wait, each for
-    at most HANDLER_IDLE_SECONDS, so a burst of connections leaves no lasting threads behind."""
+    """The listening socket, with connections held by `connections.ConnectionServer`: a loop thread
+    keeps every connection between requests and reads request heads without blocking; a bounded pool
+    of handler threads serves complete requests (a connection that only waits, or trickles its head,
+    costs a file descriptor and no thread). See that module for the limits."""
 
     daemon_threads = True  # handler threads never block exit; shutdown stops backends explicitly
     request_queue_size = 128
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], api, client_timeout: float = CLIENT_IDLE_TIMEOUT,
-                 routes: RouteTable | None = None, hooks: list[Hook] | None = None):
-        """`client_timeout` bounds every read from and write to a client socket (idle keep-alive,
-        a stalled request line, header or body, a client that stops reading a stream). `hooks` run
-        before every dispatch, in order (origin checks, keys, metrics plug in here)."""
+                 routes: RouteTable | None = None, hooks: list[Hook] | None = None,
+                 limits: Limits | None = None):
+        """`client_timeout` bounds every read from and write to a client socket (a stalled body, a
+        client that stops reading a stream) and how long an idle keep-alive connection is kept.
+        `limits`: connection and thread bounds (default `Limits()` with `client_timeout` as the idle
+        timeout and `$LEMONADE_HEADER_TIMEOUT` for request heads). `hooks` run before every dispatch,
+        in order (origin checks, keys, metrics plug in here)."""
         self.api = api
         self.routes = routes or default_table()
         self.hooks: list[Hook] = list(hooks or ())
         self.client_timeout = client_timeout
+        self.limits = (limits or Limits(idle_timeout=client_timeout,
+                                        header_timeout=path_utils.header_timeout(HEADER_TIMEOUT))
+                       ).for_this_process()
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.address_family = family
-        self._handoff: queue.SimpleQueue = queue.SimpleQueue()  # connections for waiting handlers
-        self._handlers_lock = threading.Lock()  # guards _idle_handlers and _busy_handlers
-        # Handlers waiting on _handoff, minus connections queued there (so never below 0).
-        self._idle_handlers = 0
-        self._busy_handlers = 0
         super().__init__(address, Handler)
+        self.connections = ConnectionServer(self.socket, self.limits, self._serve_connection,
+                                            thread_name=f"lemonade-http-{self.server_address[1]}")
+        self._loop_running = threading.Event()
 
-    def process_request(self, request, client_address) -> None:
-        """Give the connection to a waiting handler thread, or start one (called by the accept loop)."""
-        with self._handlers_lock:
-            self._busy_handlers += 1
-            if self._idle_handlers > 0:
-                self._idle_handlers -= 1
-                self._handoff.put((request, client_address))
-                return
-        threading.Thread(target=self._handle_connections, args=(request, client_address),
-                         name=f"lemonade-http-{self.server_address[1]}", daemon=True).start()
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Run the connection loop until `shutdown()`. Blocks."""
+        self._loop_running.set()
+        self.connections.run()
 
-    def _handle_connections(self, request, client_address) -> None:
-        while request is not None:
-            try:
-                self.process_request_thread(request, client_address)  # serves, then closes the socket
-            finally:
-                with self._handlers_lock:
-                    self._busy_handlers -= 1
-            request, client_address = self._next_connection()
+    def shutdown(self) -> None:
+        """Stop the loop (from another thread) and close the connections it holds; requests being
+        served finish on their own threads. Blocks until the loop has ended."""
+        if self._loop_running.is_set():
+            self.connections.stop()
 
-    def _next_connection(self) -> tuple:
-        """Wait for another connection; (None, None) when this thread should end."""
-        with self._handlers_lock:
-            if self._idle_handlers >= MAX_IDLE_HANDLERS:
-                return None, None
-            self._idle_handlers += 1
-        try:
-            return self._handoff.get(timeout=HANDLER_IDLE_SECONDS)
-        except queue.Empty:
-            with self._handlers_lock:
-                if self._idle_handlers > 0:
-                    self._idle_handlers -= 1
-                    return None, None
-            # A connection was handed to "a waiting handler" just as this wait ran out: the count says
-            # one is queued for every handler still counted as waiting, this one included.
-            return self._handoff.get()
+    def server_close(self) -> None:
+        super().server_close()
+        connections = getattr(self, "connections", None)  # absent when the bind failed in __init__
+        if connections is not None:
+            connections.close()
+
+    def _serve_connection(self, conn: Connection) -> bool:
+        """On a worker: serve the requests whose heads are here; True to keep the connection."""
+        handler = Handler(conn, conn.address, self)
+        return not handler.close_connection
 
     def busy_handlers(self) -> int:
         """Handler threads serving a connection now (waiting ones not counted)."""
-        with self._handlers_lock:
-            return self._busy_handlers
-
-    def handle_error(self, request, client_address) -> None:
-        log.exception("Unhandled error while serving %s", client_address)
+        counts = self.connections.counts()
+        return counts["workers"] - counts["waiting_workers"]
 
 
 class Handler(BaseHTTPRequestHandler):
+    """Serves the requests of one connection whose heads are already received (the first one, and any
+    pipelined behind it), on a worker thread; `close_connection` then says whether it is kept."""
+
     protocol_version = "HTTP/1.1"
     server_version = "lemonade"
     sys_version = ""
@@ -177,9 +167,24 @@ class Handler(BaseHTTPRequestHandler):
     timeout = CLIENT_IDLE_TIMEOUT
 
     def setup(self) -> None:
-        self.timeout = self.server.client_timeout  # StreamRequestHandler.setup applies it to the socket
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conn: Connection = self.request
+        self.connection = self.conn.sock  # its timeout and TCP_NODELAY are set by the connection layer
+        self.rfile = ConnReader(self.conn, self.server.client_timeout)
+        self.wfile = SocketWriter(self.connection)
+
+    def handle(self) -> None:
+        """The first request (its head came whole through the loop, or its first part did: the rest
+        must come by the head deadline), then each pipelined one already here."""
+        header_timeout = self.server.limits.header_timeout
+        self.close_connection = True
+        self.rfile.deadline = (self.conn.head_started or time.monotonic()) + header_timeout
+        self.handle_one_request()
+        while not self.close_connection and self.rfile.head_buffered():
+            self.rfile.deadline = time.monotonic() + header_timeout
+            self.handle_one_request()
+
+    def finish(self) -> None:
+        pass  # the socket belongs to the connection layer, which keeps or closes it
 
     # -- request line and header fields ---------------------------------------------------------------
 
@@ -189,8 +194,13 @@ class Handler(BaseHTTPRequestHandler):
         self.command = None
         self.cors_headers = CORS_HEADERS  # nothing of the previous request on this connection carries over
         self.request_version = self.default_request_version
+        self.http_version = (0, 9)
         self.close_connection = True
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        if len(self.requestline) > MAX_REQUEST_LINE:
+            self.requestline = self.requestline[:80]  # what the log shows of it
+            self.send_error(414, f"Request line longer than {MAX_REQUEST_LINE} bytes")
+            return False
         words = self.requestline.split()
         if not words:
             return False
@@ -202,7 +212,7 @@ class Handler(BaseHTTPRequestHandler):
             if version >= (2, 0):
                 self.send_error(505, f"Invalid HTTP version ({words[2]})")
                 return False
-            self.request_version = words[2]
+            self.request_version, self.http_version = words[2], version
             self.close_connection = version < (1, 1)
         elif len(words) != 2 or words[0] != "GET":  # two words: HTTP/0.9, which only knew GET
             self.send_error(400, f"Bad request syntax ({self.requestline!r})")
@@ -215,6 +225,8 @@ class Handler(BaseHTTPRequestHandler):
         except HeaderError as e:
             self.send_error(e.status, str(e))
             return False
+        finally:
+            self.rfile.deadline = None  # the head is in: the body is read with per-read timeouts
         connection = self.headers.get("Connection", "").lower()
         if connection == "close":
             self.close_connection = True
@@ -255,12 +267,16 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch("TRACE")
 
     def _begin(self, method: str) -> None:
-        """Per-request state; the path is percent-decoded before routing, as httplib does."""
+        """Per-request state; the path is percent-decoded before routing, as httplib does. Raises
+        ValueError for a request target urlsplit refuses, InvalidRequestError for a body whose
+        length cannot be known (`body_framing`)."""
         self.status_sent = 0
+        self.route = None
         self.outcome = ""  # set by a handler whose status line cannot tell (an SSE stream that failed)
         self.url_path, self.query = self.path, {}
-        te = self.headers.get("Transfer-Encoding", "").lower()
-        self.body_pending = "chunked" in te or self.headers.get("Content-Length", "0").strip() not in ("", "0")
+        self.body_pending = False
+        self.chunked = body_framing(self.headers, self.http_version)
+        self.body_pending = self.chunked or self.headers.get("Content-Length", "0").strip() not in ("", "0")
         url = urlsplit(self.path)  # may raise ValueError (e.g. "//[": an unclosed IPv6 literal)
         self.url_path, self.query = unquote(url.path), parse_qs(url.query)
         log.debug("[Server PRE-ROUTE] %s %s", method, self.url_path)
@@ -268,9 +284,11 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         try:
             self._begin(method)
-        except ValueError as e:  # urlsplit refused the request target
-            self.close_connection = True
-            self.send_error_exc(InvalidRequestError(f"Malformed request target: {e}"))
+        except (ValueError, LemonadeError) as e:  # a request target urlsplit refused, or bad framing
+            self.close_connection = True  # the body's end is unknown: nothing after it can be read
+            self.body_pending = False
+            error = e if isinstance(e, LemonadeError) else InvalidRequestError(f"Malformed request target: {e}")
+            self.send_error_exc(error)
             self._log_done()
             return
         route, params = self.server.routes.match(method, self.url_path)
@@ -340,7 +358,7 @@ class Handler(BaseHTTPRequestHandler):
     def read_body(self, limit: int = MAX_JSON_BODY) -> bytes:
         """The whole request body. Raises RequestTooLargeError past `limit` without reading it,
         InvalidRequestError when the body ends early, TimeoutError when the client stalls."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        if self.chunked:
             body = self._read_chunked(limit)
         else:
             length = self.content_length()
@@ -485,6 +503,29 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
         log.info("[Server] Error %d: %s", code, message or "bad request")
+
+
+def body_framing(headers: Headers, version: tuple[int, int]) -> bool:
+    """Whether the request body is chunked (else it is Content-Length bytes, or none), by RFC 9112
+    §6.1. Raises InvalidRequestError (400; the caller closes the connection) for Transfer-Encoding
+    together with Content-Length, on an HTTP/1.0 request, or with a final coding other than exactly
+    `chunked` (`chunked, gzip`, `xchunked`, chunked twice); UnsupportedCodingError (501) for a coding
+    before `chunked` (we decode none). http.server would read `chunked, gzip` as chunked and serve a
+    request with both fields, which is how requests are smuggled past a proxy."""
+    fields = headers.get_all("Transfer-Encoding")
+    if not fields:
+        return False
+    if "Content-Length" in headers:
+        raise InvalidRequestError("Request has both Content-Length and Transfer-Encoding")
+    if version < (1, 1):
+        raise InvalidRequestError(f"Transfer-Encoding is not allowed in an HTTP/{version[0]}.{version[1]} request")
+    codings = [c.strip().lower() for field in fields for c in field.split(",")]
+    if codings[-1] != "chunked" or codings.count("chunked") != 1:
+        raise InvalidRequestError(
+            f"Unsupported Transfer-Encoding {', '.join(fields)[:80]!r}: the final coding must be chunked, once")
+    if len(codings) > 1:
+        raise UnsupportedCodingError(f"Transfer coding {codings[0][:40]!r} is not supported")
+    return True
 
 
 def _http_version(word: str) -> tuple[int, int] | None:

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from lemonade.error_types import InvalidRequestError
+from lemonade.utils import json_checks
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -80,6 +81,26 @@ def optional_field(body: dict, key: str, kind: type, kind_name: str):
         article = "an" if kind_name[0] in "aeiou" else "a"
         raise InvalidRequestError(f"'{key}' must be {article} {kind_name}, got {_json_type(value)}")
     return value
+
+
+def check_messages(messages: list) -> None:
+    """The message fields llama-server fails on with a 500 when they have the wrong type (tried
+    against it: a number as `role` or `name`, a text part whose `text` is missing or not a string,
+    `tool_calls` that is not an array of objects). Raises InvalidRequestError naming the field."""
+    if not all(isinstance(m, dict) for m in messages):
+        raise InvalidRequestError("'messages' must be an array of objects")
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        json_checks.check(message.get("role"), f"{where}.role", "string")
+        json_checks.optional(message, "name", "string", where=f"{where}.name")
+        content = message.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if isinstance(part, dict) and part.get("type") == "text":
+                    json_checks.check(part.get("text"), f"{where}.content[{j}].text", "string")
+        tool_calls = json_checks.optional(message, "tool_calls", "array", where=f"{where}.tool_calls")
+        if tool_calls is not None:
+            json_checks.objects(tool_calls, f"{where}.tool_calls")
 
 
 def apply_no_think(body: dict) -> bool:

@@ -8,6 +8,7 @@ read again from its start. HEAD gets the SSE headers only.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 from lemonade.error_types import not_found_body
@@ -18,6 +19,7 @@ POLL_INTERVAL = 0.5  # C++ B polls every 500 ms
 READ_BLOCK = 65536
 MAX_LINE = 65536
 HEARTBEAT = b": heartbeat\n\n"
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # TAB is harmless in a field
 
 
 def stream_log(h, path: str | None = None) -> None:
@@ -27,7 +29,7 @@ def stream_log(h, path: str | None = None) -> None:
     try:
         log_file = open(path, "rb")
     except OSError:
-        h.send_json(404, not_found_body(h.url_path, f"Log file not found: {path}"))
+        h.send_json(404, not_found_body(h.url_path, f"Log file not found: {path_utils.shown_path(path)}"))
         return
     try:
         h.start_sse()
@@ -40,7 +42,7 @@ def stream_log(h, path: str | None = None) -> None:
                 if len(pending) > MAX_LINE:  # a line without end is sent in pieces, not hoarded
                     lines, pending = lines + [pending], b""
                 if lines:
-                    h.write_chunk(b"".join(b"data: " + line.rstrip(b"\r") + b"\n\n" for line in lines))
+                    h.write_chunk(b"".join(b"data: " + sse_safe(line) + b"\n\n" for line in lines))
                 continue
             h.write_chunk(HEARTBEAT)  # also how a departed client is noticed
             time.sleep(POLL_INTERVAL)
@@ -55,6 +57,15 @@ def stream_log(h, path: str | None = None) -> None:
         h.close_connection = True
     finally:
         log_file.close()
+
+
+def sse_safe(line: bytes) -> bytes:
+    """One log line as the text of one `data:` field: a CR ends a field in SSE (so a bare `\\r` in the
+    line could add `event:` or `id:` fields), so it and the other control bytes become `\\xNN`
+    escapes. The server's own records are already escaped (`logging_config`); the file may hold other
+    writers' lines (a child's output, a C++ router's)."""
+    line = line.removesuffix(b"\r")
+    return _CONTROL_BYTES.sub(lambda m: b"\\x%02x" % m.group()[0], line) if _CONTROL_BYTES.search(line) else line
 
 
 def _replaced(log_file, path) -> bool:

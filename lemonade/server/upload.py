@@ -21,24 +21,47 @@ from lemonade.utils import path_utils
 log = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 256 * 1024**3  # larger uploads get 413 before a byte of the body is read
+NAME_MAX = 255  # bytes in one path component (Linux file systems)
 _TRUE = ("true", "True", "1")
 
 
 def _stored_name(filename: str) -> PurePosixPath:
-    """The path below the model dir: the browser's relative path minus its first folder. Refuses
-    anything that would leave the directory."""
+    """The path below the model dir: the browser's relative path minus its first folder. Raises
+    InvalidRequestError (400) for anything that would leave the directory or that no file system
+    takes: a NUL, a name over NAME_MAX bytes."""
+    shown = filename[:100] + ("…" if len(filename) > 100 else "")
+    if "\0" in filename:
+        raise InvalidRequestError(f"Invalid file name in upload (NUL character): {shown!r}")
     path = PurePosixPath(filename.replace("\\", "/"))
     parts = path.parts[1:] if len(path.parts) > 1 else path.parts
     if not parts or path.is_absolute() or any(p in ("..", "", ".") for p in parts):
-        raise InvalidRequestError(f"Invalid file name in upload: {filename}")
+        raise InvalidRequestError(f"Invalid file name in upload: {shown}")
+    if any(len(p.encode("utf-8", "surrogateescape")) > NAME_MAX for p in parts):
+        raise InvalidRequestError(f"File name in upload longer than {NAME_MAX} bytes: {shown}")
     return PurePosixPath(*parts)
+
+
+class _Layout:
+    """The files and folders of one upload so far: a name used twice, or both as a file and as a
+    folder (`a` and `a/b`), is refused before anything is written (400), not left to the OS (500)."""
+
+    def __init__(self) -> None:
+        self.files: set[PurePosixPath] = set()
+        self.folders: set[PurePosixPath] = set()
+
+    def add(self, relative: PurePosixPath) -> None:
+        parents = set(relative.parents) - {PurePosixPath(".")}
+        if relative in self.files or relative in self.folders or parents & self.files:
+            raise InvalidRequestError(f"File name in upload clashes with another file or folder of it: {relative}")
+        self.files.add(relative)
+        self.folders |= parents
 
 
 def handle_add_local_model(h, manager) -> None:
     boundary = multipart.boundary_of(h.headers.get("Content-Type", ""))
     if boundary is None:
         raise RegistryError("Request must be multipart/form-data")
-    if "chunked" in h.headers.get("Transfer-Encoding", "").lower():
+    if h.chunked:
         raise LengthRequiredError("Uploads need a Content-Length")
     length = h.content_length()
     if length > MAX_UPLOAD_BYTES:
@@ -73,13 +96,15 @@ def _store(h, manager, length: int, boundary: str, staging: Path, cache: Path) -
     except (TimeoutError, ConnectionError):
         raise
     except OSError as e:
-        return 500, simple_error_body(f"Failed to upload model: {e}")
+        where = f" ({path_utils.shown_path(e.filename)})" if e.filename else ""
+        return 500, simple_error_body(f"Failed to upload model: {e.strerror or e}{where}")
     return 200, {"message": f"Model {info.name} uploaded and registered successfully", "status": "success"}
 
 
 def _receive(h, length: int, boundary: str, staging: Path) -> tuple[dict[str, str], list[PurePosixPath]]:
     fields: dict[str, str] = {}
     files: list[PurePosixPath] = []
+    layout = _Layout()
 
     def on_field(name: str, value: str) -> None:
         fields[name] = value
@@ -88,6 +113,7 @@ def _receive(h, length: int, boundary: str, staging: Path) -> tuple[dict[str, st
         if part.name != "model_files":
             return open("/dev/null", "wb")  # other file fields are ignored, as in C++
         relative = _stored_name(part.filename or "")
+        layout.add(relative)
         destination = staging / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
         files.append(relative)

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 import requests
 
 from lemonade.error_types import DownloadError, NetworkError
+from lemonade.utils import path_utils
 from lemonade.utils.http_client import CONNECT_TIMEOUT, session_for
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,18 @@ class Hasher(Protocol):
 
 
 class NoSpaceError(DownloadError):
-    """The disk holding `path` has fewer than `needed` bytes free (`free`), or filled up while writing."""
+    """The disk holding `path` has fewer than `needed` bytes free (`free`), or filled up while writing.
+    HTTP 507 (Insufficient Storage); the message names the file by `path_utils.shown_path`."""
+
+    error_type = "insufficient_storage"
+    status = 507
 
     def __init__(self, name: str, path: Path, needed: int | None, free: int):
-        want = f"{needed / 1e6:.1f} MB ({needed} bytes)" if needed is not None else "more space"
-        super().__init__(f"Not enough disk space to download {name}: need {want}, "
-                         f"{free / 1e6:.1f} MB ({free} bytes) free for {path}",
-                         {"path": str(path), "bytes_needed": needed, "bytes_free": free})
+        want = f"need {needed} bytes ({needed / 1e6:.1f} MB)" if needed is not None else "need more space"
+        shown = path_utils.shown_path(path)
+        super().__init__(f"No space left on the disk to download {name}: {want}, {free} bytes "
+                         f"({free / 1e6:.1f} MB) free for {shown}",
+                         {"path": shown, "bytes_needed": needed, "bytes_free": free})
         self.path, self.needed, self.free = path, needed, free
 
 

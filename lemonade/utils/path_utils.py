@@ -24,6 +24,7 @@ ENV_FLM = "LEMONADE_FLM"  # explicit flm override (ours)
 ENV_FLM_READY_TIMEOUT = "LEMONADE_FLM_READY_TIMEOUT"  # seconds (ours: tests shorten the deadline)
 ENV_BACKEND_TIMEOUT = "LEMONADE_BACKEND_TIMEOUT"  # seconds a backend may take to answer (ours)
 ENV_CLIENT_TIMEOUT = "LEMONADE_CLIENT_TIMEOUT"  # seconds a client socket may stay silent (ours)
+ENV_HEADER_TIMEOUT = "LEMONADE_HEADER_TIMEOUT"  # seconds a request head may take to arrive whole (ours)
 ENV_LLAMACPP_DOWNLOAD_BASE = "LEMONADE_LLAMACPP_DOWNLOAD_BASE"  # release mirror (ours; C++: github.com)
 ENV_RUNTIME_DIR = "LEMONADE_RUNTIME_DIR"  # locks, PID file, server log (ours; C++: /tmp)
 ENV_CI_MODE = "LEMONADE_CI_MODE"  # no hardware cache (system-info §6)
@@ -206,6 +207,12 @@ def client_timeout(default: float) -> float:
     return _seconds(ENV_CLIENT_TIMEOUT, default)
 
 
+def header_timeout(default: float) -> float:
+    """`$LEMONADE_HEADER_TIMEOUT` seconds if it is a positive number, else `default` (the whole request
+    head, from its first byte: nginx's client_header_timeout)."""
+    return _seconds(ENV_HEADER_TIMEOUT, default)
+
+
 def hf_download_timeout() -> float:
     """`$HF_HUB_DOWNLOAD_TIMEOUT` seconds if positive, else 10: connect and stall timeout of file GETs."""
     return _seconds(ENV_HF_DOWNLOAD_TIMEOUT, DEFAULT_HF_TIMEOUT)
@@ -269,6 +276,20 @@ def runtime_dir() -> Path:
     (`include/lemon/single_instance.h`, `tray_app.cpp` get_server_info)."""
     value = os.environ.get(ENV_RUNTIME_DIR)
     return _expand(value) if value else Path("/tmp")
+
+
+def shown_path(path: str | os.PathLike) -> str:
+    """How an error a client sees names a file of ours: relative to the cache or directory it lies in
+    (`<HF cache>/models--org--name/blobs/….incomplete`, `<lemonade cache>/user_models.json`,
+    `<runtime dir>/lemonade-server.log`), so answers never give away the server's directory layout;
+    any other path is shown as given. No file-system access (nothing is resolved)."""
+    text = os.path.abspath(os.fspath(path))
+    for label, root in (("<HF cache>", hf_cache_dir()), ("<lemonade cache>", lemonade_cache_dir()),
+                        ("<runtime dir>", runtime_dir())):
+        base = os.path.abspath(root)
+        if text == base or text.startswith(base.rstrip(os.sep) + os.sep):
+            return label + text[len(base):]
+    return os.fspath(path)
 
 
 def server_log_path() -> Path:
