@@ -199,7 +199,8 @@ def test_start_worker_answers_hello_and_stops(worker):
     child, port = worker
     health = rpc.probe_worker("127.0.0.1", port)
     assert health.alive and health.state is WorkerState.ALIVE
-    assert f"Starting RPC server v{health.version}" in child.tail_text()
+    # The banner was printed before the worker listened; the thread reading its output may lag.
+    wait_for(lambda: f"Starting RPC server v{health.version}" in child.tail_text(), 10, what="the banner")
     process_manager.stop(child)
     assert not child.is_alive()
     assert rpc.probe_worker("127.0.0.1", port).state is WorkerState.DOWN
@@ -259,7 +260,7 @@ def test_start_worker_cache_dir(tmp_path, llama_server_bin):
     port = free_port()
     child = rpc.start_worker("127.0.0.1", port, threads=1, cache_dir=tmp_path)
     try:
-        assert f"local cache    : {tmp_path / 'rpc'}" in child.tail_text()
+        wait_for(lambda: f"local cache    : {tmp_path / 'rpc'}" in child.tail_text(), 10, what="the cache line")
         assert (tmp_path / "rpc").is_dir()
     finally:
         process_manager.stop(child)

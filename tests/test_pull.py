@@ -14,7 +14,7 @@ import requests
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 import huggingface_hub  # noqa: E402
 
-from conftest import DEFAULT_MODEL, free_port  # noqa: E402
+from conftest import DEFAULT_MODEL, free_port, wait_for  # noqa: E402
 from hfhub import gguf_bytes, hub, hub_env  # noqa: E402,F401  (hub is a fixture)
 
 TINY = {"tiny-Q4_0.gguf": gguf_bytes(300_000, seed=11), "tiny-Q8_0.gguf": gguf_bytes(200_000, seed=12),
@@ -178,7 +178,8 @@ def test_cli_pull_through_running_server_shows_progress(hub, env, server_factory
     lines = done.stdout.splitlines()
     assert lines[0] == "Pulling model: user.Tiny" and lines[-1] == "Model pulled successfully: user.Tiny"
     assert any(line.startswith("tiny-Q4_0.gguf (1/2): 300000/300000 bytes") for line in lines), lines
-    assert "POST /api/v1/pull - 200" in server.log_text()
+    # The request line is logged once the handler returns, which may be after the CLI read the end.
+    wait_for(lambda: "POST /api/v1/pull - 200" in server.log_text(), 10, what="the request log line")
     assert "user.Tiny" in {m["id"] for m in requests.get(server.api + "/models").json()["data"]}
 
 
