@@ -178,6 +178,27 @@ def test_idle_connections_are_bounded_in_count_and_cost_no_thread(server):
     assert peak.fds <= baseline[1] + IDLE + 16, (peak.fds, baseline)
 
 
+def test_kept_alive_connections_go_before_a_new_one_still_sending(server):
+    """A client that has just connected may not have sent its request yet; closing it would cost it
+    the request (churning clients saw resets). Past the idle bound, connections kept alive after a
+    request go first: a server may close those at any time and clients expect it."""
+    newcomer = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    wait_for(lambda: accepted_connections(server) >= 1, 10, what="the newcomer to be accepted")
+    kept = [get_models(server.port) for _ in range(IDLE + 20)]  # each parks after its answer
+    wait_for(lambda: len(closed_by_server(kept)) >= 20, 30, what="kept-alive connections to be closed")
+    assert closed_by_server([newcomer]) == set()
+    newcomer.sendall(REQUEST)
+    assert newcomer.recv(65536).startswith(b"HTTP/1.1 200 ")
+    for sock in kept + [newcomer]:
+        sock.close()
+
+
+def accepted_connections(server) -> int:
+    """The server's open connections as the kernel sees them (its process's TCP sockets)."""
+    return sum(1 for c in server.process.net_connections(kind="tcp") if c.status == "ESTABLISHED"
+               and c.laddr.port == server.port)
+
+
 def test_limits_match_the_server_defaults():
     from lemonade.server.connections import Limits
 

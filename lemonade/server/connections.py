@@ -12,8 +12,10 @@ So, whatever the clients do:
 
 * handler threads are at most `Limits.workers`; complete heads past that wait in a queue of at most
   `Limits.queued`, and one more is answered 503;
-* idle connections are at most `Limits.idle`: past it the oldest is closed (a keep-alive connection may
-  be closed by the server at any time, RFC 9112 §9.3), and each lasts at most `Limits.idle_timeout`;
+* idle connections are at most `Limits.idle`, and each lasts at most `Limits.idle_timeout`. Past the
+  count one is closed: the oldest kept alive between requests (a server may close those at any time,
+  RFC 9112 §9.3, and clients expect it) before the oldest new one, never one whose request has already
+  arrived in the socket (closing over unread bytes resets it: the client would lose its request);
 * a request head must arrive whole within `Limits.header_timeout` of its first byte (and without a
   silence longer than `idle_timeout`), or the connection is closed without an answer, as nginx does;
 * open connections are at most `Limits.connections` (and half the process's file limit): a new one
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import itertools
 import logging
 import resource
 import selectors
@@ -43,6 +46,7 @@ WORKER_IDLE_SECONDS = 5.0  # a worker without work waits this long for the next 
 MAX_IDLE_WORKERS = 32  # workers kept waiting for work after a burst
 LINGER_SECONDS = 0.005  # a worker waits this long for the next request on the connection it served
 SERVE, PARK, CLOSE = "serve", "park", "close"  # what a worker does with a connection after a request
+EVICTION_SCAN = 8  # idle connections looked at per table for one without a waiting request
 ACCEPTS_PER_WAKE = 64  # accept at most this many in a row, so heads of accepted ones are read too
 BUSY_BODY = b'{"error":{"message":"Server busy: too many connections or queued requests; try again","type":"server_busy"}}'
 BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
@@ -96,6 +100,16 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
+
+
+def _request_waiting(conn: Connection) -> bool:
+    """Whether bytes from the client wait unread in the socket (a request the loop has not read yet)."""
+    try:
+        return bool(conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return False  # reset or broken: nothing to lose by closing it
 
 
 class ConnReader:
@@ -210,8 +224,10 @@ class ConnectionServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        # Loop-only state (no lock): connections without a request in progress, oldest first.
+        # Loop-only state (no lock): connections without a request in progress, oldest first; those
+        # kept alive after a request apart from new ones, which are closed only after them.
         self._idle: collections.OrderedDict[Connection, None] = collections.OrderedDict()
+        self._new: collections.OrderedDict[Connection, None] = collections.OrderedDict()
         self._reading: collections.OrderedDict[Connection, None] = collections.OrderedDict()
         self._accepting = True
         self._accept_paused_until = 0.0
@@ -244,7 +260,7 @@ class ConnectionServer:
                         self._readable(key.data)
                 self._expire(time.monotonic())
         finally:
-            for conn in list(self._idle) + list(self._reading):
+            for conn in list(self._idle) + list(self._new) + list(self._reading):
                 self._close(conn)
             self._selector.close()
             self._stopped.set()
@@ -286,19 +302,31 @@ class ConnectionServer:
             if full and not self._evict_one():
                 self._refuse(conn)
                 continue
-            self._add_idle(conn)
+            self._add_idle(conn, self._new)
 
-    def _add_idle(self, conn: Connection) -> None:
+    def _add_idle(self, conn: Connection, table: collections.OrderedDict) -> None:
         conn.since = time.monotonic()
         conn.head_started = 0.0
-        self._idle[conn] = None
+        table[conn] = None
         self._selector.register(conn.sock, selectors.EVENT_READ, conn)
-        while len(self._idle) > self.limits.idle:
-            self._close(next(iter(self._idle)))
+        while len(self._idle) + len(self._new) > self.limits.idle and self._evict_idle():
+            pass
+
+    def _evict_idle(self) -> bool:
+        """Close one idle connection, kept-alive ones first, oldest first, passing over any whose
+        request is already waiting in the socket (the loop reads it soon); False if none could go."""
+        for table in (self._idle, self._new):
+            for conn in itertools.islice(table, EVICTION_SCAN):
+                if not _request_waiting(conn):
+                    self._close(conn)
+                    return True
+        return False
 
     def _evict_one(self) -> bool:
-        """Close the oldest idle connection, else the oldest unfinished head; False if neither exists."""
-        for table in (self._idle, self._reading):
+        """Close an idle connection, else the oldest unfinished head; False if neither exists."""
+        if self._evict_idle():
+            return True
+        for table in (self._idle, self._new, self._reading):
             if table:
                 self._close(next(iter(table)))
                 return True
@@ -315,8 +343,9 @@ class ConnectionServer:
             self._close(conn)
             return
         now = time.monotonic()
-        if conn in self._idle:
-            del self._idle[conn]
+        if conn in self._idle or conn in self._new:
+            self._idle.pop(conn, None)
+            self._new.pop(conn, None)
             self._reading[conn] = None
             conn.head_started = now
         conn.buf += data
@@ -329,11 +358,12 @@ class ConnectionServer:
     def _expire(self, now: float) -> None:
         """Close idle connections silent for idle_timeout, and heads past their deadline (both tables
         are in order of age, so only their fronts are looked at)."""
-        while self._idle:
-            conn = next(iter(self._idle))
-            if now - conn.since < self.limits.idle_timeout:
-                break
-            self._close(conn)
+        for table in (self._idle, self._new):
+            while table:
+                conn = next(iter(table))
+                if now - conn.since < self.limits.idle_timeout:
+                    break
+                self._close(conn)
         overdue = [conn for conn in self._reading if self._head_overdue(conn, now)]
         for conn in overdue:
             self._close(conn)
@@ -345,6 +375,7 @@ class ConnectionServer:
     def _close(self, conn: Connection) -> None:
         """Close a connection the loop holds (idle, reading, or just accepted)."""
         self._idle.pop(conn, None)
+        self._new.pop(conn, None)
         self._reading.pop(conn, None)
         try:
             self._selector.unregister(conn.sock)
@@ -468,7 +499,7 @@ class ConnectionServer:
         now = time.monotonic()
         for conn in parked:
             if not conn.buf:
-                self._add_idle(conn)
+                self._add_idle(conn, self._idle)
                 continue
             conn.head_started = conn.last_read = now  # part of the next head came with the last request
             conn.scanned = 0
@@ -492,7 +523,7 @@ class ConnectionServer:
         with self._lock:
             figures = {"open": self._open, "workers": self._workers, "waiting_workers": self._waiting,
                        "queued": len(self._queue)}
-        figures.update(idle=len(self._idle), reading=len(self._reading))
+        figures.update(idle=len(self._idle) + len(self._new), reading=len(self._reading))
         return figures
 
     def close(self) -> None:
