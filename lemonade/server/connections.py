@@ -106,10 +106,8 @@ def _request_waiting(conn: Connection) -> bool:
     """Whether bytes from the client wait unread in the socket (a request the loop has not read yet)."""
     try:
         return bool(conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except (BlockingIOError, InterruptedError):
+    except OSError:  # nothing waiting (EAGAIN), or reset or broken: nothing to lose by closing it
         return False
-    except OSError:
-        return False  # reset or broken: nothing to lose by closing it
 
 
 class ConnReader:

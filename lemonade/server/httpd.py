@@ -274,7 +274,6 @@ class Handler(BaseHTTPRequestHandler):
         self.route = None
         self.outcome = ""  # set by a handler whose status line cannot tell (an SSE stream that failed)
         self.url_path, self.query = self.path, {}
-        self.body_pending = False
         self.chunked = body_framing(self.headers, self.http_version)
         self.body_pending = self.chunked or self.headers.get("Content-Length", "0").strip() not in ("", "0")
         url = urlsplit(self.path)  # may raise ValueError (e.g. "//[": an unclosed IPv6 literal)
