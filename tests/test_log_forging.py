@@ -37,9 +37,10 @@ def test_no_forged_line_in_the_log(server, where):
     def text() -> str:
         return server.log_text() if where == "stdout" else server.runtime_log.read_text(errors="replace")
 
-    # The access line of the last request is written after its answer (the debug PRE-ROUTE line
-    # names the marker earlier), so wait for that line itself.
-    wait_for(lambda: "end - 404" in text(), 10, what="the marker request's access line")
+    # Each access line is written after its answer (the debug PRE-ROUTE line names the target
+    # earlier), so wait for the access lines themselves.
+    wait_for(lambda: all(f"{end} - 404" in text() for end in ("end", "injected", FORGED_LINE)), 10,
+             what="the three access lines")
     lines = _log_lines(text())
     assert not any(line.startswith("2099-01-01") for line in lines)
     assert any(line.endswith("[Server] GET /api/v1/health\\r\\n" + FORGED_LINE + " - 404") for line in lines)
@@ -50,11 +51,14 @@ def test_no_forged_line_in_the_log(server, where):
 
 
 def test_log_stream_events_carry_no_injected_fields(server):
+    # Each access line is written after its answer, by the worker thread that served it, so the two
+    # lines asserted on may reach the log in either order: read until both have come.
+    wanted = (b"[Server] GET /api/v1/nothing", b"end - 404")
     seen = []
     with requests.get(server.api + "/logs/stream", stream=True, timeout=30) as reply:
         for event in iter_events(reply.iter_content(None)):
             seen.append(event)
-            if b"marker" in event.data:
+            if all(any(w in e.data for e in seen) for w in wanted):
                 break
     assert {event.event for event in seen} == {"message"}  # no `event: pwned`
     assert not any(event.data.startswith(b"injected") for event in seen)
