@@ -7,7 +7,6 @@ escaped (`\\r`, `\\n`, `\\x1b`), in the log (stdout and the log file) and in the
 """
 from __future__ import annotations
 
-
 import pytest
 import requests
 

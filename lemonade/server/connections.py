@@ -321,7 +321,9 @@ class ConnectionServer:
         return False
 
     def _evict_one(self) -> bool:
-        """Close an idle connection, else the oldest unfinished head; False if neither exists."""
+        """Make room for a new connection: an idle one as `_evict_idle` picks it; if each it looked at
+        has a request waiting, the oldest idle one anyway; else the oldest unfinished head. False if
+        the loop holds no connection at all."""
         if self._evict_idle():
             return True
         for table in (self._idle, self._new, self._reading):
